@@ -1,0 +1,1172 @@
+//! `KvStore`: etcd's MVCC key-value store over fjall.
+//!
+//! Keyspaces (see `layout` constants below):
+//! - `kv_latest`: user key → current `KeyValue` of live keys; serves reads at the current revision
+//!   in one seek.
+//! - `kv_history`: revision (16 bytes) → `HistoryRecord`; every change in revision order, for watch
+//!   catch-up, historical reads and HashKV.
+//! - `kv_index`: escaped user key ++ `00 00` ++ revision → tombstone flag; serves reads at an older
+//!   revision ("newest revision <= R of each key").
+//! - `lease`, `lease_keys`: lease records and (lease, key) attachments, so restart needs no scan.
+//! - `meta`: current and compact revision, alarms, and opaque entries of the raft layer (applied
+//!   log id) that are written in the same batch as the data they cover.
+//!
+//! Readers use a fjall snapshot, so a range sees one revision even while writes are applied. The
+//! single writer is [`KvStore::apply`]; each call commits exactly one fjall batch (plus, for a
+//! compaction, bounded follow-up batches that are resumed after a crash).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode, Readable};
+
+use crate::error::{Error, Result};
+use crate::keys::{self, KeyEnd, KeyRange};
+use crate::lease::{LeaseRecord, Lessor};
+use crate::limits;
+use crate::revision::Revision;
+use crate::types::*;
+use crate::watch::WatchHub;
+
+const KS_LATEST: &str = "kv_latest";
+const KS_HISTORY: &str = "kv_history";
+const KS_INDEX: &str = "kv_index";
+const KS_LEASE: &str = "lease";
+const KS_LEASE_KEYS: &str = "lease_keys";
+const KS_META: &str = "meta";
+
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACT: &[u8] = b"compact_revision";
+const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
+const META_ALARMS: &[u8] = b"alarms";
+const META_FORMAT: &[u8] = b"format";
+/// On-disk format of this store; bumped on incompatible layout changes.
+const FORMAT_VERSION: &[u8] = b"keyhold-store-1";
+
+/// Index entry flag values.
+const INDEX_LIVE: u8 = 0;
+const INDEX_TOMBSTONE: u8 = 1;
+
+/// One change in `kv_history`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct HistoryRecord {
+    kv: KeyValue,
+    tombstone: bool,
+}
+
+/// Options when opening a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Backend quota in bytes; 0 = no quota.
+    pub quota_bytes: u64,
+    /// Block cache size in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { quota_bytes: limits::QUOTA_BACKEND_BYTES_DEFAULT, cache_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// Context of one apply: the caller's clock and extra meta entries committed in the same batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyContext<'a> {
+    /// Monotonic milliseconds (lease deadlines).
+    pub now_ms: u64,
+    /// Opaque `(key, value)` pairs written to `meta` atomically with the change.
+    pub meta: &'a [(&'a [u8], &'a [u8])],
+}
+
+struct State {
+    lessor: Lessor,
+    alarms: BTreeSet<AlarmMember>,
+}
+
+/// The MVCC store (see the module docs).
+pub struct KvStore {
+    db: Database,
+    latest: Keyspace,
+    history: Keyspace,
+    index: Keyspace,
+    lease: Keyspace,
+    lease_keys: Keyspace,
+    meta: Keyspace,
+    options: StoreOptions,
+    /// Held by the single writer for the whole apply, so writes are serial.
+    writer: Mutex<()>,
+    state: Mutex<State>,
+    hub: Mutex<WatchHub>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a store lock is a bug that already aborted one apply; the data in
+    // fjall is still consistent (batches are atomic), so keep serving rather than cascading.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    Ok(postcard::to_allocvec(v)?)
+}
+
+fn decode<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+    Ok(postcard::from_bytes(b)?)
+}
+
+fn i64_at(v: Option<fjall::Slice>) -> Result<i64> {
+    match v {
+        None => Ok(0),
+        Some(b) => Ok(i64::from_be_bytes(
+            b.as_ref().try_into().map_err(|_| Error::Storage("bad meta integer".into()))?,
+        )),
+    }
+}
+
+fn lease_key(id: i64, key: &[u8]) -> Vec<u8> {
+    let mut out = id.to_be_bytes().to_vec();
+    out.extend_from_slice(key);
+    out
+}
+
+impl KvStore {
+    /// Opens (or creates) the store in `path`, resuming an interrupted compaction.
+    ///
+    /// # Errors
+    /// `Storage` when the directory cannot be opened or holds another format.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self> {
+        let db = Database::builder(path).cache_size(options.cache_bytes).open()?;
+        Self::with_database(db, options)
+    }
+
+    /// Opens the store's keyspaces inside an existing database (shared with the raft log).
+    ///
+    /// # Errors
+    /// `Storage` when the keyspaces cannot be opened or hold another format.
+    pub fn with_database(db: Database, options: StoreOptions) -> Result<Self> {
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let store = Self {
+            latest: ks(KS_LATEST)?,
+            history: ks(KS_HISTORY)?,
+            index: ks(KS_INDEX)?,
+            lease: ks(KS_LEASE)?,
+            lease_keys: ks(KS_LEASE_KEYS)?,
+            meta: ks(KS_META)?,
+            db,
+            options,
+            writer: Mutex::new(()),
+            state: Mutex::new(State { lessor: Lessor::default(), alarms: BTreeSet::new() }),
+            hub: Mutex::new(WatchHub::new(1)),
+        };
+        match store.meta.get(META_FORMAT)? {
+            None => store.meta.insert(META_FORMAT, FORMAT_VERSION)?,
+            Some(f) if f.as_ref() == FORMAT_VERSION => {}
+            Some(f) => {
+                return Err(Error::Storage(format!(
+                    "unsupported store format {:?}",
+                    String::from_utf8_lossy(&f)
+                )));
+            }
+        }
+        store.recover()?;
+        Ok(store)
+    }
+
+    fn recover(&self) -> Result<()> {
+        let mut state = lock(&self.state);
+        for item in self.lease.iter() {
+            let (k, v) = item.into_inner()?;
+            let id = i64_at(Some(k))?;
+            state.lessor.insert(id, decode::<LeaseRecord>(&v)?, 0);
+        }
+        for item in self.lease_keys.iter() {
+            let k = item.key()?;
+            let (id, key) = k.split_at(8.min(k.len()));
+            state.lessor.attach(i64_at(Some(id.into()))?, key);
+        }
+        if let Some(a) = self.meta.get(META_ALARMS)? {
+            state.alarms = decode(&a)?;
+        }
+        drop(state);
+        *lock(&self.hub) = WatchHub::new(self.current_revision()?);
+        let scheduled = i64_at(self.meta.get(META_COMPACT_SCHEDULED)?)?;
+        if scheduled > i64_at(self.meta.get(META_COMPACT)?)? {
+            self.run_compaction(scheduled)?;
+        }
+        Ok(())
+    }
+
+    /// The underlying database (the raft layer keeps its log in the same one).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Current store revision (1 on an empty store).
+    ///
+    /// # Errors
+    /// `Storage` on read failure.
+    pub fn current_revision(&self) -> Result<i64> {
+        Ok(i64_at(self.meta.get(META_REVISION)?)?.max(1))
+    }
+
+    /// Compacted revision (0 when never compacted).
+    ///
+    /// # Errors
+    /// `Storage` on read failure.
+    pub fn compact_revision(&self) -> Result<i64> {
+        i64_at(self.meta.get(META_COMPACT)?)
+    }
+
+    /// Reads an opaque meta entry written through [`ApplyContext::meta`].
+    ///
+    /// # Errors
+    /// `Storage` on read failure.
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes opaque meta entries on their own (raft membership without data, for example).
+    ///
+    /// # Errors
+    /// `Storage` on write failure.
+    pub fn meta_put(&self, entries: &[(&[u8], &[u8])]) -> Result<()> {
+        let _w = lock(&self.writer);
+        let mut b = self.db.batch();
+        for (k, v) in entries {
+            b.insert(&self.meta, *k, *v);
+        }
+        b.commit()?;
+        Ok(())
+    }
+
+    /// Bytes on disk (journal and tables).
+    pub fn size_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Approximate bytes of live data (keys and values at the current revision).
+    pub fn size_in_use_bytes(&self) -> u64 {
+        self.latest.disk_space() + self.lease.disk_space() + self.meta.disk_space()
+    }
+
+    /// Flushes everything to disk with fsync.
+    ///
+    /// # Errors
+    /// `Storage` when the sync fails; the node must stop.
+    pub fn persist(&self) -> Result<()> {
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// The watch hub, locked. Keep the guard short: applies wait on it.
+    pub fn hub(&self) -> MutexGuard<'_, WatchHub> {
+        lock(&self.hub)
+    }
+
+    /// Runs `f` on the lessor.
+    pub fn with_lessor<T>(&self, f: impl FnOnce(&mut Lessor) -> T) -> T {
+        f(&mut lock(&self.state).lessor)
+    }
+
+    /// Active alarms.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        lock(&self.state).alarms.iter().copied().collect()
+    }
+
+    /// Rejects a write of `cost` bytes that would exceed the quota, or any quota-charged write
+    /// while NOSPACE is raised. Returns `Err(NoSpace)`; the caller raises the alarm.
+    ///
+    /// # Errors
+    /// `NoSpace` or `Corrupt`.
+    pub fn check_write_admission(&self, cost: u64) -> Result<()> {
+        let state = lock(&self.state);
+        if state.alarms.iter().any(|a| a.alarm == AlarmType::Corrupt) {
+            return Err(Error::Corrupt);
+        }
+        if cost == 0 {
+            return Ok(());
+        }
+        if state.alarms.iter().any(|a| a.alarm == AlarmType::NoSpace) {
+            return Err(Error::NoSpace);
+        }
+        drop(state);
+        if self.options.quota_bytes > 0 && self.size_bytes() + cost >= self.options.quota_bytes {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reads
+
+    /// Range read at the request's revision (current when `revision <= 0`).
+    ///
+    /// # Errors
+    /// `Compacted`, `FutureRevision`, `Storage`.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
+        let snap = self.db.snapshot();
+        let current = i64_at(snap.get(&self.meta, META_REVISION)?)?.max(1);
+        let compacted = i64_at(snap.get(&self.meta, META_COMPACT)?)?;
+        let read = View::Snapshot { snap: &snap, store: self };
+        range_at(&read, req, current, compacted, &BTreeMap::new())
+    }
+
+    /// Events in `range` with revisions in `[from, to]`, at most
+    /// `WATCH_BATCH_REVISIONS_MAX` distinct revisions, every revision complete. Returns the
+    /// events and the next revision to read. `prev_kv` is filled when asked.
+    ///
+    /// # Errors
+    /// `Compacted` when `from` is below the compacted revision; `Storage`.
+    pub fn watch_events(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        prev_kv: bool,
+    ) -> Result<(Vec<Event>, i64)> {
+        let snap = self.db.snapshot();
+        let compacted = i64_at(snap.get(&self.meta, META_COMPACT)?)?;
+        if from < compacted {
+            return Err(Error::Compacted);
+        }
+        let lo = Revision::new(from.max(0), 0).to_bytes();
+        let hi = Revision::new(to.max(0), i64::MAX).to_bytes();
+        let mut events = Vec::new();
+        let mut revs = 0usize;
+        let mut last_main = -1;
+        for item in snap.range(&self.history, lo..=hi) {
+            let (k, v) = item.into_inner()?;
+            let rev = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
+            if rev.main != last_main {
+                if revs == limits::WATCH_BATCH_REVISIONS_MAX {
+                    return Ok((events, rev.main));
+                }
+                revs += 1;
+                last_main = rev.main;
+            }
+            let rec: HistoryRecord = decode(&v)?;
+            if !range.contains(&rec.kv.key) {
+                continue;
+            }
+            let prev = if prev_kv {
+                let view = View::Snapshot { snap: &snap, store: self };
+                view.key_at(&rec.kv.key, rev.main - 1, compacted)?
+            } else {
+                None
+            };
+            let kind = if rec.tombstone { EventType::Delete } else { EventType::Put };
+            events.push(Event { kind, kv: rec.kv, prev_kv: prev });
+        }
+        Ok((events, to + 1))
+    }
+
+    /// HashKV: CRC-32C over history up to `revision` (0 = current). Returns
+    /// `(hash, compact_revision, hashed_revision)`; equal on stores with equal history.
+    ///
+    /// # Errors
+    /// `Compacted`, `FutureRevision`, `Storage`.
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
+        let snap = self.db.snapshot();
+        let current = i64_at(snap.get(&self.meta, META_REVISION)?)?.max(1);
+        let compacted = i64_at(snap.get(&self.meta, META_COMPACT)?)?;
+        let rev = if revision <= 0 { current } else { revision };
+        if rev > current {
+            return Err(Error::FutureRevision);
+        }
+        if rev < compacted {
+            return Err(Error::Compacted);
+        }
+        let mut crc = crc32c::crc32c(b"key");
+        let hi = Revision::new(rev, i64::MAX).to_bytes();
+        for item in snap.range(&self.history, ..=hi) {
+            let (k, v) = item.into_inner()?;
+            crc = crc32c::crc32c_append(crc, &k);
+            crc = crc32c::crc32c_append(crc, &v);
+        }
+        Ok((crc, compacted, rev))
+    }
+
+    /// Keys attached to a lease.
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        lock(&self.state).lessor.get(id).map(|l| l.keys.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Writes
+
+    /// Applies one replicated write in one atomic batch, together with `ctx.meta`, then hands
+    /// the revision's events to the watch hub.
+    ///
+    /// # Errors
+    /// Domain errors leave the store unchanged (the meta entries are still written, so the raft
+    /// layer's applied id advances); `Storage` means the node must stop.
+    pub fn apply(&self, req: &WriteRequest, ctx: ApplyContext<'_>) -> Result<WriteResponse> {
+        let _w = lock(&self.writer);
+        let current = self.current_revision()?;
+        let mut txn = WriteTxn::new(self, current, ctx.now_ms);
+        let result = txn.run(req);
+        let (resp, txn) = match result {
+            Ok(resp) => (Ok(resp), txn),
+            Err(e) => (Err(e), WriteTxn::new(self, current, ctx.now_ms)),
+        };
+        let compact_to = match (&resp, req) {
+            (Ok(_), WriteRequest::Compact { revision }) => Some(*revision),
+            _ => None,
+        };
+        let events = txn.commit(ctx.meta)?;
+        if let Some((rev, events)) = events {
+            lock(&self.hub).notify(rev, &events);
+        }
+        if let Some(rev) = compact_to {
+            self.run_compaction(rev)?;
+        }
+        resp
+    }
+
+    /// Removes history below `rev` in bounded batches; idempotent, resumed by `open`.
+    fn run_compaction(&self, rev: i64) -> Result<()> {
+        let mut batch = self.db.batch();
+        let mut pending = 0usize;
+        let mut current_key: Option<Vec<u8>> = None;
+        // Revisions of the current key at or below `rev`, ascending: (index entry, revision, tombstone).
+        let mut below: Vec<(Vec<u8>, Revision, bool)> = Vec::new();
+        let flush_key = |below: &mut Vec<(Vec<u8>, Revision, bool)>,
+                             batch: &mut OwnedWriteBatch,
+                             pending: &mut usize| {
+            if let Some((_, keep_rev, tomb)) = below.last().cloned() {
+                let keep_last = !(tomb && keep_rev.main < rev);
+                let n = if keep_last { below.len() - 1 } else { below.len() };
+                for (entry, r, _) in below.drain(..).take(n) {
+                    batch.remove(&self.index, entry);
+                    batch.remove(&self.history, r.to_bytes().to_vec());
+                    *pending += 1;
+                }
+            }
+            below.clear();
+        };
+        for item in self.index.iter() {
+            let (k, v) = item.into_inner()?;
+            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
+            if current_key.as_deref() != Some(key.as_slice()) {
+                flush_key(&mut below, &mut batch, &mut pending);
+                current_key = Some(key);
+            }
+            if r.main <= rev {
+                below.push((k.to_vec(), r, v.first() == Some(&INDEX_TOMBSTONE)));
+            }
+            if pending >= limits::COMPACTION_BATCH_ENTRIES_MAX {
+                std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                pending = 0;
+            }
+        }
+        flush_key(&mut below, &mut batch, &mut pending);
+        batch.insert(&self.meta, META_COMPACT, rev.to_be_bytes().to_vec());
+        batch.commit()?;
+        Ok(())
+    }
+}
+
+fn bad(what: &str) -> Error {
+    Error::Storage(format!("corrupt {what}"))
+}
+
+/// A read view: a snapshot for readers, or the live keyspaces for the single writer.
+enum View<'a> {
+    Snapshot { snap: &'a fjall::Snapshot, store: &'a KvStore },
+    Live { store: &'a KvStore },
+}
+
+impl View<'_> {
+    fn store(&self) -> &KvStore {
+        match self {
+            View::Snapshot { store, .. } | View::Live { store } => store,
+        }
+    }
+
+    fn get(&self, ks: &Keyspace, key: &[u8]) -> Result<Option<fjall::Slice>> {
+        Ok(match self {
+            View::Snapshot { snap, .. } => snap.get(ks, key)?,
+            View::Live { .. } => ks.get(key)?,
+        })
+    }
+
+    fn range(&self, ks: &Keyspace, lo: Vec<u8>, hi: Option<Vec<u8>>) -> fjall::Iter {
+        use std::ops::Bound::*;
+        let hi = hi.map_or(Unbounded, Excluded);
+        match self {
+            View::Snapshot { snap, .. } => snap.range(ks, (Included(lo), hi)),
+            View::Live { .. } => ks.range((Included(lo), hi)),
+        }
+    }
+
+    /// Live keys in `range` at the current revision, in key order.
+    fn latest_in(&self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+        let store = self.store();
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        if range.end == KeyEnd::Single {
+            return Ok(match self.get(&store.latest, &range.start)? {
+                Some(v) => vec![decode(&v)?],
+                None => Vec::new(),
+            });
+        }
+        let hi = match &range.end {
+            KeyEnd::Before(e) => Some(e.clone()),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for item in self.range(&store.latest, range.start.clone(), hi) {
+            let (_, v) = item.into_inner()?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The key's state at `rev` (None when absent or deleted at `rev`).
+    fn key_at(&self, key: &[u8], rev: i64, compacted: i64) -> Result<Option<KeyValue>> {
+        if rev < compacted.max(1) {
+            return Ok(None);
+        }
+        let store = self.store();
+        let lo = keys::index_key(key, Revision::new(0, 0));
+        let hi = keys::index_key(key, Revision::new(rev, i64::MAX));
+        let last = match self {
+            View::Snapshot { snap, .. } => snap.range(&store.index, lo..=hi).next_back(),
+            View::Live { .. } => store.index.range(lo..=hi).next_back(),
+        };
+        let Some(item) = last else { return Ok(None) };
+        let (k, v) = item.into_inner()?;
+        if v.first() == Some(&INDEX_TOMBSTONE) {
+            return Ok(None);
+        }
+        let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
+        let rec = self.get(&store.history, &r.to_bytes())?.ok_or_else(|| bad("history gap"))?;
+        Ok(Some(decode::<HistoryRecord>(&rec)?.kv))
+    }
+
+    /// Live keys in `range` at an older revision `rev`, in key order.
+    fn historical_in(&self, range: &KeyRange, rev: i64) -> Result<Vec<KeyValue>> {
+        let store = self.store();
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lo = keys::index_key_prefix(&range.start);
+        let hi = match &range.end {
+            KeyEnd::Single => Some(keys::index_key(&range.start, Revision::new(i64::MAX, i64::MAX))),
+            KeyEnd::Unbounded => None,
+            KeyEnd::Before(e) => Some(keys::index_key_prefix(e)),
+        };
+        let mut out = Vec::new();
+        let mut best: Option<(Vec<u8>, Revision, bool)> = None;
+        let mut emit = |best: Option<(Vec<u8>, Revision, bool)>| -> Result<()> {
+            if let Some((_, r, false)) = best {
+                let rec = self.get(&store.history, &r.to_bytes())?.ok_or_else(|| bad("history"))?;
+                out.push(decode::<HistoryRecord>(&rec)?.kv);
+            }
+            Ok(())
+        };
+        for item in self.range(&store.index, lo, hi) {
+            let (k, v) = item.into_inner()?;
+            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
+            if best.as_ref().is_some_and(|b| b.0 != key) {
+                emit(best.take())?;
+            }
+            if r.main <= rev {
+                best = Some((key, r, v.first() == Some(&INDEX_TOMBSTONE)));
+            } else if best.as_ref().is_none_or(|b| b.0 != key) {
+                best = Some((key, Revision::new(0, 0), true));
+            }
+        }
+        emit(best)?;
+        Ok(out)
+    }
+}
+
+/// Reads `req` against `view`, with `overlay` (uncommitted changes of the running txn) on top.
+fn range_at(
+    view: &View<'_>,
+    req: &RangeRequest,
+    current: i64,
+    compacted: i64,
+    overlay: &BTreeMap<Vec<u8>, Option<KeyValue>>,
+) -> Result<RangeResponse> {
+    let rev = if req.revision <= 0 { current } else { req.revision };
+    if rev > current {
+        return Err(Error::FutureRevision);
+    }
+    if rev < compacted {
+        return Err(Error::Compacted);
+    }
+    let range = KeyRange::new(&req.key, &req.range_end);
+    let mut kvs = if rev == current {
+        let mut kvs = view.latest_in(&range)?;
+        if !overlay.is_empty() {
+            let mut merged: BTreeMap<Vec<u8>, KeyValue> =
+                kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+            for (k, v) in overlay.iter().filter(|(k, _)| range.contains(k)) {
+                match v {
+                    Some(kv) => merged.insert(k.clone(), kv.clone()),
+                    None => merged.remove(k),
+                };
+            }
+            kvs = merged.into_values().collect();
+        }
+        kvs
+    } else {
+        view.historical_in(&range, rev)?
+    };
+    let count = kvs.len() as i64;
+    let filtered = req.min_mod_revision > 0
+        || req.max_mod_revision > 0
+        || req.min_create_revision > 0
+        || req.max_create_revision > 0;
+    if filtered {
+        kvs.retain(|kv| {
+            (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+                && (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+                && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
+                && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
+        });
+    }
+    sort_kvs(&mut kvs, req.sort_order, req.sort_target);
+    let mut more = false;
+    if req.limit > 0 && kvs.len() as i64 > req.limit {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.count_only {
+        kvs.clear();
+    } else if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse { revision: current, kvs, more, count })
+}
+
+fn sort_kvs(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
+    let order = match (order, target) {
+        (SortOrder::None, SortTarget::Key) => return,
+        (SortOrder::None, _) => SortOrder::Ascend,
+        (o, _) => o,
+    };
+    // Stable sorts on top of key order, so ties stay in key order as in etcd.
+    match target {
+        SortTarget::Key => {}
+        SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
+        SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
+        SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
+        SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+    }
+    if order == SortOrder::Descend {
+        kvs.reverse();
+        if target != SortTarget::Key {
+            // Reversing also reversed key order among ties; restore ascending keys within ties.
+            let key_of = |kv: &KeyValue| -> Vec<u8> {
+                match target {
+                    SortTarget::Version => kv.version.to_be_bytes().to_vec(),
+                    SortTarget::Create => kv.create_revision.to_be_bytes().to_vec(),
+                    SortTarget::Mod => kv.mod_revision.to_be_bytes().to_vec(),
+                    _ => kv.value.clone(),
+                }
+            };
+            let mut i = 0;
+            while i < kvs.len() {
+                let mut j = i + 1;
+                while j < kvs.len() && key_of(&kvs[j]) == key_of(&kvs[i]) {
+                    j += 1;
+                }
+                kvs[i..j].reverse();
+                i = j;
+            }
+        }
+    }
+}
+
+/// One write request being applied: changes accumulate in a fjall batch and an overlay that
+/// later ops of the same txn read through.
+struct WriteTxn<'a> {
+    store: &'a KvStore,
+    batch: OwnedWriteBatch,
+    /// Revision before this request.
+    begin: i64,
+    /// Next sub-revision.
+    sub: i64,
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    events: Vec<Event>,
+    lease_attach: Vec<(i64, Vec<u8>, bool)>,
+    lease_grant: Option<(i64, LeaseRecord)>,
+    lease_remove: Option<i64>,
+    lease_remaining: Option<(i64, i64)>,
+    alarms: Option<BTreeSet<AlarmMember>>,
+    compact: Option<i64>,
+    now_ms: u64,
+}
+
+impl<'a> WriteTxn<'a> {
+    fn new(store: &'a KvStore, begin: i64, now_ms: u64) -> Self {
+        Self {
+            store,
+            batch: store.db.batch(),
+            begin,
+            sub: 0,
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+            lease_attach: Vec::new(),
+            lease_grant: None,
+            lease_remove: None,
+            lease_remaining: None,
+            alarms: None,
+            compact: None,
+            now_ms,
+        }
+    }
+
+    fn view(&self) -> View<'a> {
+        View::Live { store: self.store }
+    }
+
+    /// Revision reads see: the new revision once something changed.
+    fn read_revision(&self) -> i64 {
+        if self.sub > 0 { self.begin + 1 } else { self.begin }
+    }
+
+    fn compacted(&self) -> Result<i64> {
+        self.store.compact_revision()
+    }
+
+    fn lease_exists(&self, id: i64) -> bool {
+        lock(&self.store.state).lessor.contains(id)
+    }
+
+    fn has_alarm(&self, alarm: AlarmType) -> bool {
+        lock(&self.store.state).alarms.iter().any(|a| a.alarm == alarm)
+    }
+
+    fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(match self.store.latest.get(key)? {
+            Some(v) => Some(decode(&v)?),
+            None => None,
+        })
+    }
+
+    fn run(&mut self, req: &WriteRequest) -> Result<WriteResponse> {
+        let corrupt = self.has_alarm(AlarmType::Corrupt);
+        let nospace = self.has_alarm(AlarmType::NoSpace);
+        match req {
+            WriteRequest::Alarm { .. } => {}
+            WriteRequest::Put(_) | WriteRequest::LeaseGrant { .. } if corrupt || nospace => {
+                return Err(if corrupt { Error::Corrupt } else { Error::NoSpace });
+            }
+            WriteRequest::Txn(t) if nospace && txn_has_put(t) => return Err(Error::NoSpace),
+            _ if corrupt => return Err(Error::Corrupt),
+            _ => {}
+        }
+        match req {
+            WriteRequest::Put(p) => self.put(p).map(WriteResponse::Put),
+            WriteRequest::DeleteRange(d) => self.delete_range(d).map(WriteResponse::DeleteRange),
+            WriteRequest::Txn(t) => {
+                let mut resp = self.txn(t)?;
+                fix_txn_revisions(&mut resp, self.read_revision());
+                Ok(WriteResponse::Txn(resp))
+            }
+            WriteRequest::Compact { revision } => {
+                let rev = *revision;
+                if rev <= self.compacted()? {
+                    return Err(Error::Compacted);
+                }
+                if rev > self.begin {
+                    return Err(Error::FutureRevision);
+                }
+                self.compact = Some(rev);
+                Ok(WriteResponse::Compact { revision: self.begin })
+            }
+            WriteRequest::LeaseGrant { id, ttl } => {
+                if *ttl > limits::LEASE_TTL_MAX_SECONDS {
+                    return Err(Error::LeaseTtlTooLarge);
+                }
+                if self.lease_exists(*id) {
+                    return Err(Error::LeaseExists);
+                }
+                let rec = LeaseRecord { ttl: *ttl, remaining_ttl: 0 };
+                self.batch.insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                self.lease_grant = Some((*id, rec));
+                Ok(WriteResponse::LeaseGrant { id: *id, ttl: *ttl, revision: self.begin })
+            }
+            WriteRequest::LeaseRevoke { id } => {
+                let keys = {
+                    let state = lock(&self.store.state);
+                    let lease = state.lessor.get(*id).ok_or(Error::LeaseNotFound)?;
+                    lease.keys.iter().cloned().collect::<Vec<_>>()
+                };
+                for key in keys {
+                    self.delete_keys(std::slice::from_ref(&key), false)?;
+                }
+                self.batch.remove(&self.store.lease, id.to_be_bytes().to_vec());
+                self.lease_remove = Some(*id);
+                Ok(WriteResponse::Lease { revision: self.read_revision() })
+            }
+            WriteRequest::LeaseCheckpoint { id, remaining_ttl } => {
+                let ttl = {
+                    let state = lock(&self.store.state);
+                    state.lessor.get(*id).map(|l| l.ttl)
+                };
+                if let Some(ttl) = ttl {
+                    let rec = LeaseRecord { ttl, remaining_ttl: *remaining_ttl };
+                    self.batch.insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                    self.lease_remaining = Some((*id, *remaining_ttl));
+                }
+                Ok(WriteResponse::Lease { revision: self.begin })
+            }
+            WriteRequest::Alarm { activate, alarm } => {
+                let mut alarms = lock(&self.store.state).alarms.clone();
+                if *activate {
+                    alarms.insert(*alarm);
+                } else {
+                    alarms.remove(alarm);
+                }
+                self.batch.insert(&self.store.meta, META_ALARMS, encode(&alarms)?);
+                self.alarms = Some(alarms.clone());
+                Ok(WriteResponse::Alarm {
+                    alarms: alarms.into_iter().collect(),
+                    revision: self.begin,
+                })
+            }
+        }
+    }
+
+    fn write_kv(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
+        let rev = Revision::new(self.begin + 1, self.sub);
+        self.sub += 1;
+        let store = self.store;
+        let rec = HistoryRecord { kv: kv.clone(), tombstone: false };
+        self.batch.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+        self.batch.insert(&store.index, keys::index_key(&kv.key, rev), vec![INDEX_LIVE]);
+        self.batch.insert(&store.latest, kv.key.clone(), encode(&kv)?);
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if old_lease != kv.lease {
+            if old_lease != 0 {
+                self.batch.remove(&store.lease_keys, lease_key(old_lease, &kv.key));
+                self.lease_attach.push((old_lease, kv.key.clone(), false));
+            }
+            if kv.lease != 0 {
+                self.batch.insert(&store.lease_keys, lease_key(kv.lease, &kv.key), Vec::new());
+                self.lease_attach.push((kv.lease, kv.key.clone(), true));
+            }
+        }
+        self.overlay.insert(kv.key.clone(), Some(kv.clone()));
+        self.events.push(Event { kind: EventType::Put, kv, prev_kv: prev });
+        Ok(())
+    }
+
+    fn put(&mut self, p: &PutRequest) -> Result<PutResponse> {
+        let prev = self.get_latest(&p.key)?;
+        if (p.ignore_value || p.ignore_lease) && prev.is_none() {
+            return Err(Error::KeyNotFound);
+        }
+        let value = if p.ignore_value {
+            prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default()
+        } else {
+            p.value.clone()
+        };
+        let lease = if p.ignore_lease { prev.as_ref().map_or(0, |kv| kv.lease) } else { p.lease };
+        if lease != 0 && !self.lease_exists(lease) {
+            return Err(Error::LeaseNotFound);
+        }
+        let rev = self.begin + 1;
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision: prev.as_ref().map_or(rev, |kv| kv.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(0, |kv| kv.version) + 1,
+            value,
+            lease,
+        };
+        let prev_kv = if p.prev_kv { prev.clone() } else { None };
+        self.write_kv(kv, prev)?;
+        Ok(PutResponse { revision: rev, prev_kv })
+    }
+
+    /// Deletes the given live keys (already known to exist or not); returns the deleted kvs.
+    fn delete_keys(&mut self, keys_to_delete: &[Vec<u8>], _prev: bool) -> Result<Vec<KeyValue>> {
+        let mut deleted = Vec::new();
+        for key in keys_to_delete {
+            let Some(prev) = self.get_latest(key)? else { continue };
+            let rev = Revision::new(self.begin + 1, self.sub);
+            self.sub += 1;
+            let store = self.store;
+            let tomb = KeyValue { key: key.clone(), mod_revision: rev.main, ..Default::default() };
+            let rec = HistoryRecord { kv: tomb.clone(), tombstone: true };
+            self.batch.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+            self.batch.insert(&store.index, keys::index_key(key, rev), vec![INDEX_TOMBSTONE]);
+            self.batch.remove(&store.latest, key.clone());
+            if prev.lease != 0 {
+                self.batch.remove(&store.lease_keys, lease_key(prev.lease, key));
+                self.lease_attach.push((prev.lease, key.clone(), false));
+            }
+            self.overlay.insert(key.clone(), None);
+            self.events.push(Event { kind: EventType::Delete, kv: tomb, prev_kv: Some(prev.clone()) });
+            deleted.push(prev);
+        }
+        Ok(deleted)
+    }
+
+    fn live_keys_in(&self, range: &KeyRange) -> Result<Vec<Vec<u8>>> {
+        let req = RangeRequest {
+            key: range.start.clone(),
+            range_end: match &range.end {
+                KeyEnd::Single => Vec::new(),
+                KeyEnd::Unbounded => vec![0],
+                KeyEnd::Before(e) => e.clone(),
+            },
+            keys_only: true,
+            ..Default::default()
+        };
+        let resp = range_at(&self.view(), &req, self.begin, 0, &self.overlay)?;
+        Ok(resp.kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    fn delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        let range = KeyRange::new(&d.key, &d.range_end);
+        let keys = self.live_keys_in(&range)?;
+        let deleted = self.delete_keys(&keys, d.prev_kv)?;
+        Ok(DeleteRangeResponse {
+            revision: self.read_revision(),
+            deleted: deleted.len() as i64,
+            prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+        })
+    }
+
+    fn range(&self, r: &RangeRequest) -> Result<RangeResponse> {
+        let compacted = self.compacted()?;
+        let mut resp = range_at(&self.view(), r, self.begin, compacted, &self.overlay)?;
+        resp.revision = self.read_revision();
+        Ok(resp)
+    }
+
+    /// Evaluates the compare tree against the pre-txn state, then runs the chosen branches.
+    fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse> {
+        let path = self.decide(t)?;
+        let mut path = path.into_iter();
+        self.exec_txn(t, &mut path)
+    }
+
+    /// Branch decisions for `t` and its nested txns, in execution order, against the pre-txn
+    /// state (no write has happened yet when this runs).
+    fn decide(&self, t: &TxnRequest) -> Result<Vec<bool>> {
+        let mut ok = true;
+        for c in &t.compare {
+            if !self.compare(c)? {
+                ok = false;
+                break;
+            }
+        }
+        let mut out = vec![ok];
+        for op in if ok { &t.success } else { &t.failure } {
+            if let RequestOp::Txn(nested) = op {
+                out.extend(self.decide(nested)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn compare(&self, c: &Compare) -> Result<bool> {
+        let range = KeyRange::new(&c.key, &c.range_end);
+        let kvs = self.view().latest_in(&range)?;
+        if kvs.is_empty() {
+            if matches!(c.target, CompareTarget::Value(_)) {
+                return Ok(false);
+            }
+            return Ok(compare_kv(c, &KeyValue::default()));
+        }
+        Ok(kvs.iter().all(|kv| compare_kv(c, kv)))
+    }
+
+    fn exec_txn(
+        &mut self,
+        t: &TxnRequest,
+        path: &mut impl Iterator<Item = bool>,
+    ) -> Result<TxnResponse> {
+        let succeeded = path.next().ok_or_else(|| bad("txn path"))?;
+        let ops = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(r) => ResponseOp::Range(self.range(r)?),
+                RequestOp::Put(p) => ResponseOp::Put(self.put(p)?),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete_range(d)?),
+                RequestOp::Txn(n) => ResponseOp::Txn(self.exec_txn(n, path)?),
+            });
+        }
+        Ok(TxnResponse { revision: 0, succeeded, responses })
+    }
+
+    /// Commits the batch with `meta`; returns the new revision and its events if it changed.
+    fn commit(mut self, meta: &[(&[u8], &[u8])]) -> Result<Option<(i64, Vec<Event>)>> {
+        let store = self.store;
+        let changed = self.sub > 0;
+        let rev = self.begin + 1;
+        if changed {
+            self.batch.insert(&store.meta, META_REVISION, rev.to_be_bytes().to_vec());
+        }
+        if let Some(c) = self.compact {
+            self.batch.insert(&store.meta, META_COMPACT_SCHEDULED, c.to_be_bytes().to_vec());
+        }
+        for (k, v) in meta {
+            self.batch.insert(&store.meta, *k, *v);
+        }
+        if let Some(id) = self.lease_remove {
+            for key in store.lease_keys(id) {
+                self.batch.remove(&store.lease_keys, lease_key(id, &key));
+            }
+        }
+        self.batch.commit()?;
+        let mut state = lock(&store.state);
+        if let Some((id, rec)) = self.lease_grant {
+            state.lessor.insert(id, rec, self.now_ms);
+        }
+        for (id, key, attach) in &self.lease_attach {
+            if *attach {
+                state.lessor.attach(*id, key);
+            } else {
+                state.lessor.detach(*id, key);
+            }
+        }
+        if let Some(id) = self.lease_remove {
+            state.lessor.remove(id);
+        }
+        if let Some((id, remaining)) = self.lease_remaining {
+            state.lessor.set_remaining(id, remaining);
+        }
+        if let Some(alarms) = self.alarms {
+            state.alarms = alarms;
+        }
+        Ok(changed.then(|| (rev, std::mem::take(&mut self.events))))
+    }
+}
+
+fn txn_has_put(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match op {
+        RequestOp::Put(_) => true,
+        RequestOp::Txn(n) => txn_has_put(n),
+        _ => false,
+    })
+}
+
+/// The txn response revision is the read revision after the whole txn; nested txn responses
+/// carry the same.
+fn fix_txn_revisions(resp: &mut TxnResponse, rev: i64) {
+    resp.revision = rev;
+    for r in &mut resp.responses {
+        if let ResponseOp::Txn(n) = r {
+            fix_txn_revisions(n, rev);
+        }
+    }
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use std::cmp::Ordering;
+    let ord = match &c.target {
+        CompareTarget::Version(v) => kv.version.cmp(v),
+        CompareTarget::Create(v) => kv.create_revision.cmp(v),
+        CompareTarget::Mod(v) => kv.mod_revision.cmp(v),
+        CompareTarget::Lease(v) => kv.lease.cmp(v),
+        CompareTarget::Value(v) => kv.value.as_slice().cmp(v.as_slice()),
+    };
+    match c.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+/// Checks a txn before it is proposed: op counts, empty keys, empty ops and the duplicate-key
+/// rule (etcd `checkTxnReqsPermission`/`checkRequestPut` semantics).
+///
+/// # Errors
+/// `TooManyTxnOps`, `EmptyKey`, `DuplicateKey`.
+pub fn validate_txn(t: &TxnRequest, txn_ops_max: usize) -> Result<()> {
+    if t.compare.len().max(t.success.len()).max(t.failure.len()) > txn_ops_max {
+        return Err(Error::TooManyTxnOps);
+    }
+    for c in &t.compare {
+        if c.key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+    }
+    for branch in [&t.success, &t.failure] {
+        for op in branch {
+            match op {
+                RequestOp::Range(r) if r.key.is_empty() => return Err(Error::EmptyKey),
+                RequestOp::Put(p) => validate_put(p)?,
+                RequestOp::DeleteRange(d) if d.key.is_empty() => return Err(Error::EmptyKey),
+                RequestOp::Txn(n) => validate_txn(n, txn_ops_max)?,
+                _ => {}
+            }
+        }
+        let mut puts = BTreeSet::new();
+        let mut deletes = Vec::new();
+        collect_writes(branch, &mut puts, &mut deletes)?;
+        for range in &deletes {
+            if puts.iter().any(|k| range.contains(k)) {
+                return Err(Error::DuplicateKey);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a put's own fields.
+///
+/// # Errors
+/// `EmptyKey`, `ValueProvided`, `LeaseProvided`.
+pub fn validate_put(p: &PutRequest) -> Result<()> {
+    if p.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// Puts and deletes of one branch, where a nested txn's two branches may each put the same key
+/// (they are exclusive) but not a key the outer branch writes.
+fn collect_writes(
+    ops: &[RequestOp],
+    puts: &mut BTreeSet<Vec<u8>>,
+    deletes: &mut Vec<KeyRange>,
+) -> Result<()> {
+    for op in ops {
+        match op {
+            RequestOp::Put(p) => {
+                if !puts.insert(p.key.clone()) {
+                    return Err(Error::DuplicateKey);
+                }
+            }
+            RequestOp::DeleteRange(d) => deletes.push(KeyRange::new(&d.key, &d.range_end)),
+            RequestOp::Txn(n) => {
+                let mut union = BTreeSet::new();
+                for branch in [&n.success, &n.failure] {
+                    let mut p = BTreeSet::new();
+                    collect_writes(branch, &mut p, deletes)?;
+                    if p.iter().any(|k| puts.contains(k)) {
+                        return Err(Error::DuplicateKey);
+                    }
+                    union.extend(p);
+                }
+                puts.extend(union);
+            }
+            RequestOp::Range(_) => {}
+        }
+    }
+    Ok(())
+}

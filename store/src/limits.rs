@@ -1,0 +1,23 @@
+//! Named limits (units last). Each bound here is what keeps a queue, batch or request finite.
+
+/// Operations per txn compare list or branch (etcd `--max-txn-ops`, default 128).
+pub const TXN_OPS_MAX: usize = 128;
+/// Largest client request, in bytes (etcd `--max-request-bytes`, 1.5 MiB).
+pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
+/// Distinct revisions per watch catch-up batch read from history.
+pub const WATCH_BATCH_REVISIONS_MAX: usize = 1000;
+/// Largest lease TTL accepted by LeaseGrant, in seconds (etcd `MaxLeaseTTL`).
+pub const LEASE_TTL_MAX_SECONDS: i64 = 9_000_000_000;
+/// Leases turned into revokes per lessor tick (etcd revokes at most 1000/s, 500 per 500 ms).
+pub const LEASE_REVOKES_PER_TICK_MAX: usize = 500;
+/// Index entries removed per compaction write batch; bounds the memory of one batch.
+pub const COMPACTION_BATCH_ENTRIES_MAX: usize = 10_000;
+/// Default backend quota in bytes (etcd: 2 GiB when `--quota-backend-bytes` is 0).
+pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
+/// Bytes charged per Put on top of key and value, for the quota check (etcd's cost model).
+pub const QUOTA_PUT_OVERHEAD_BYTES: u64 = 256;
+/// Bytes charged per LeaseGrant for the quota check.
+pub const QUOTA_LEASE_GRANT_BYTES: u64 = 64;
+
+const _: () = assert!(COMPACTION_BATCH_ENTRIES_MAX >= TXN_OPS_MAX);
+const _: () = assert!(LEASE_REVOKES_PER_TICK_MAX <= 1000);
