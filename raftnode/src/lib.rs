@@ -1,1 +1,20 @@
+//! `keyhold-node`: an etcd v3 compatible storage node.
+//!
+//! # Layout
+//! - [`config`]: flags (etcd names, `KEYHOLD_*` env vars), validated once.
+//! - [`node`]: composes the store, openraft, the gRPC/HTTP server and background drivers; the
+//!   ordered shutdown path.
+//! - [`raft`]: openraft types, the fjall log store, the state machine, the peer network.
+//! - [`api`]: one file per etcd gRPC service, the error → status table, response headers.
+//! - [`http`]: `/metrics`, `/health`, `/version` on the client port.
+//! - [`ids`]: member and cluster IDs derived as etcd derives them.
+//! - [`clock`]: the monotonic clock handed to the store.
 
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod node;
+pub mod raft;

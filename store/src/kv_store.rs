@@ -172,6 +172,17 @@ impl KvStore {
         Ok(store)
     }
 
+    /// Every keyspace of the store, in a fixed order (the snapshot format depends on it).
+    pub(crate) fn keyspaces(&self) -> [&Keyspace; 6] {
+        [&self.latest, &self.history, &self.index, &self.lease, &self.lease_keys, &self.meta]
+    }
+
+    /// Rebuilds in-memory state (lessor, alarms, watch hub revision) after an import.
+    pub(crate) fn reload(&self) -> Result<()> {
+        *lock(&self.state) = State { lessor: Lessor::default(), alarms: BTreeSet::new() };
+        self.recover()
+    }
+
     fn recover(&self) -> Result<()> {
         let mut state = lock(&self.state);
         for item in self.lease.iter() {
@@ -188,7 +199,15 @@ impl KvStore {
             state.alarms = decode(&a)?;
         }
         drop(state);
-        *lock(&self.hub) = WatchHub::new(self.current_revision()?);
+        let current = self.current_revision()?;
+        let mut hub = lock(&self.hub);
+        if hub.is_empty() {
+            *hub = WatchHub::new(current);
+        } else if current > hub.last_notified() {
+            // An installed snapshot jumped ahead: watchers must catch up from history.
+            hub.jump_to(current);
+        }
+        drop(hub);
         let scheduled = i64_at(self.meta.get(META_COMPACT_SCHEDULED)?)?;
         if scheduled > i64_at(self.meta.get(META_COMPACT)?)? {
             self.run_compaction(scheduled)?;
@@ -1169,4 +1188,18 @@ fn collect_writes(
         }
     }
     Ok(())
+}
+
+impl KvStore {
+    /// Rewrites every keyspace's tables (fjall major compaction), returning the space of
+    /// deleted history to the file system.
+    ///
+    /// # Errors
+    /// `Storage` on failure.
+    pub fn defragment(&self) -> Result<()> {
+        for ks in self.keyspaces() {
+            ks.major_compact()?;
+        }
+        Ok(())
+    }
 }

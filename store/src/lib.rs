@@ -11,6 +11,7 @@
 //! - [`revision`]: `(main, sub)` revisions and their byte encoding.
 //! - [`watch`]: the watch hub (synced/unsynced watchers, delivery of committed revisions).
 //! - [`lease`]: the lessor (attached keys, primary-only expiry, checkpoints).
+//! - [`snapshot`]: full-state export/import for raft snapshots.
 //! - [`limits`]: every named bound.
 //! - [`error`]: the store's error enum.
 
@@ -22,6 +23,7 @@ pub mod kv_store;
 pub mod lease;
 pub mod limits;
 pub mod revision;
+pub mod snapshot;
 pub mod types;
 pub mod watch;
 

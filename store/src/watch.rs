@@ -110,6 +110,15 @@ impl WatchHub {
         }
     }
 
+    /// Moves the notified revision forward without events (after a snapshot install): every
+    /// watcher becomes unsynced and catches up from history.
+    pub(crate) fn jump_to(&mut self, revision: i64) {
+        self.last_notified = revision.max(self.last_notified);
+        for w in self.watchers.values_mut() {
+            w.synced = false;
+        }
+    }
+
     /// Delivers one committed revision's events to every synced watcher whose range they touch.
     pub(crate) fn notify(&mut self, revision: i64, events: &[Event]) {
         assert!(revision > self.last_notified, "revisions notified out of order");

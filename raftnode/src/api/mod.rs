@@ -1,0 +1,80 @@
+//! The etcd v3 gRPC services, one file per service, all served on the client port together with
+//! gRPC health.
+//!
+//! - [`kv`], [`watch`], [`lease`], [`maintenance`], [`cluster`], [`auth`]: the services.
+//! - [`status`]: the single error → gRPC status table.
+//! - [`convert`]: protobuf ↔ store conversions.
+
+pub mod auth;
+pub mod cluster;
+pub mod convert;
+pub mod kv;
+pub mod lease;
+pub mod maintenance;
+pub mod status;
+pub mod watch;
+
+use std::sync::Arc;
+
+use keyhold_proto::etcdserverpb as pb;
+use keyhold_store as st;
+
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// Extra room above `--max-request-bytes` for gRPC framing, as etcd allows (512 KiB).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// A response header: cluster, member, term, and `revision`.
+pub fn header(node: &Node, revision: i64) -> Option<pb::ResponseHeader> {
+    Some(pb::ResponseHeader {
+        cluster_id: node.cluster_id,
+        member_id: node.member_id,
+        revision,
+        raft_term: node.term(),
+    })
+}
+
+/// A header at the store's current revision.
+pub fn current_header(node: &Node) -> Option<pb::ResponseHeader> {
+    header(node, node.store.current_revision().unwrap_or(1))
+}
+
+/// Write admission: alarms and the backend quota. Exceeding the quota raises NOSPACE through
+/// raft (so every member refuses quota-charged writes) and fails the request.
+pub async fn admit(node: &Node, cost: u64) -> Result<()> {
+    match node.store.check_write_admission(cost) {
+        Err(st::Error::NoSpace) => {
+            let raised = node.store.alarms().iter().any(|a| a.alarm == st::AlarmType::NoSpace);
+            if !raised {
+                let alarm = st::AlarmMember { member_id: node.member_id, alarm: st::AlarmType::NoSpace };
+                tracing::warn!("backend quota exceeded; raising NOSPACE");
+                node.propose(st::WriteRequest::Alarm { activate: true, alarm }).await?;
+            }
+            Err(Error::Store(st::Error::NoSpace))
+        }
+        other => other.map_err(Error::Store),
+    }
+}
+
+/// All gRPC services as an axum router (HTTP routes are merged in by the node).
+pub fn router(node: Arc<Node>) -> axum::Router {
+    use keyhold_proto::etcdserverpb::{
+        auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+        lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    };
+    let max = node.config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    drop(health_reporter);
+    tonic::service::Routes::new(health)
+        .add_service(KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(WatchServer::new(watch::WatchService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(LeaseServer::new(lease::LeaseService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(
+            MaintenanceServer::new(maintenance::MaintenanceService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(ClusterServer::new(cluster::ClusterService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(AuthServer::new(auth::AuthService { node }).max_decoding_message_size(max))
+        .into_axum_router()
+}

@@ -1,0 +1,177 @@
+//! The raft state machine: applies committed entries to the MVCC store, writing the applied log
+//! id (and membership) in the same fjall batch as the data, so a crash never re-applies or skips
+//! an entry. Snapshots are full store exports streamed through files under `<data-dir>/snap`.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keyhold_store::{ApplyContext, Error as StoreError, KvStore};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageIOError, StoredMembership,
+};
+
+use super::{Applied, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode};
+use crate::clock::{Clock, blocking};
+
+const SNAP_DATA: &str = "current.data";
+const SNAP_META: &str = "current.meta";
+const SNAP_INCOMING: &str = "incoming.data";
+
+/// State machine over the shared store.
+#[derive(Clone)]
+pub struct StateMachine {
+    store: Arc<KvStore>,
+    dir: PathBuf,
+    clock: Clock,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(&io::Error::other(e.to_string())).into()
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_snapshot(None, &io::Error::other(e.to_string())).into()
+}
+
+impl StateMachine {
+    /// A state machine applying to `store`, keeping snapshots in `snapshot_dir`.
+    ///
+    /// # Errors
+    /// When the snapshot directory cannot be created.
+    pub fn new(store: Arc<KvStore>, snapshot_dir: PathBuf, clock: Clock) -> io::Result<Self> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        Ok(Self { store, dir: snapshot_dir, clock })
+    }
+
+    fn decode_meta(
+        applied: Option<Vec<u8>>,
+        membership: Option<Vec<u8>>,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError> {
+        let applied = match applied {
+            Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b).map_err(sm_err)?,
+            None => None,
+        };
+        let membership = match membership {
+            Some(b) => postcard::from_bytes(&b).map_err(sm_err)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (store, dir) = (self.store.clone(), self.dir.clone());
+        let meta = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+            let tmp = dir.join("building.data");
+            let mut out = io::BufWriter::new(std::fs::File::create(&tmp).map_err(snap_err)?);
+            let values = store.export(&mut out, &[META_APPLIED, META_MEMBERSHIP]).map_err(snap_err)?;
+            out.into_inner().map_err(snap_err)?.sync_all().map_err(snap_err)?;
+            let mut values = values.into_iter();
+            let (applied, membership) =
+                Self::decode_meta(values.next().flatten(), values.next().flatten())?;
+            let snapshot_id = match applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, store.current_revision().unwrap_or(0)),
+                None => "empty".to_string(),
+            };
+            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            std::fs::rename(&tmp, dir.join(SNAP_DATA)).map_err(snap_err)?;
+            std::fs::write(dir.join(SNAP_META), encode(&meta)).map_err(snap_err)?;
+            Ok(meta)
+        })
+        .await
+        .map_err(snap_err)??;
+        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA)).await.map_err(snap_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError> {
+        let applied = self.store.meta_get(META_APPLIED).map_err(sm_err)?;
+        let membership = self.store.meta_get(META_MEMBERSHIP).map_err(sm_err)?;
+        Self::decode_meta(applied, membership)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let store = &self.store;
+        let now_ms = self.clock.now_ms();
+        blocking(|| {
+            let mut out = Vec::new();
+            for entry in entries {
+                let applied = encode(&Some(entry.log_id));
+                match entry.payload {
+                    EntryPayload::Blank => {
+                        store.meta_put(&[(META_APPLIED, &applied)]).map_err(sm_err)?;
+                        out.push(Applied::Nothing);
+                    }
+                    EntryPayload::Normal(req) => {
+                        let ctx = ApplyContext { now_ms, meta: &[(META_APPLIED, &applied)] };
+                        match store.apply(&req, ctx) {
+                            Err(StoreError::Storage(e)) => {
+                                return Err(StorageIOError::apply(entry.log_id, &io::Error::other(e)).into());
+                            }
+                            result => out.push(Applied::Write(result)),
+                        }
+                    }
+                    EntryPayload::Membership(m) => {
+                        let stored = StoredMembership::new(Some(entry.log_id), m);
+                        let membership = encode(&stored);
+                        store
+                            .meta_put(&[(META_APPLIED, &applied), (META_MEMBERSHIP, &membership)])
+                            .map_err(sm_err)?;
+                        out.push(Applied::Nothing);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let f = tokio::fs::File::create(self.dir.join(SNAP_INCOMING)).await.map_err(snap_err)?;
+        Ok(Box::new(f))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        snapshot.sync_all().await.map_err(snap_err)?;
+        drop(snapshot);
+        let (store, dir, meta_bytes) = (self.store.clone(), self.dir.clone(), encode(meta));
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            let incoming = dir.join(SNAP_INCOMING);
+            let mut input = io::BufReader::new(std::fs::File::open(&incoming).map_err(snap_err)?);
+            store.import(&mut input).map_err(snap_err)?;
+            std::fs::rename(&incoming, dir.join(SNAP_DATA)).map_err(snap_err)?;
+            std::fs::write(dir.join(SNAP_META), meta_bytes).map_err(snap_err)
+        })
+        .await
+        .map_err(snap_err)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let meta_path = self.dir.join(SNAP_META);
+        let Ok(bytes) = tokio::fs::read(&meta_path).await else { return Ok(None) };
+        let meta: SnapshotMeta<u64, BasicNode> = postcard::from_bytes(&bytes).map_err(snap_err)?;
+        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA)).await.map_err(snap_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+    }
+}
