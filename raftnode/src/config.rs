@@ -10,7 +10,11 @@ use clap::Parser;
 
 /// Command-line flags of `keyhold-node`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "keyhold-node", version, about = "An etcd v3 compatible storage node")]
+#[command(
+    name = "keyhold-node",
+    version,
+    about = "An etcd v3 compatible storage node"
+)]
 pub struct Config {
     /// Human-readable name of this member.
     #[arg(long, env = "KEYHOLD_NAME", default_value = "default")]
@@ -19,16 +23,28 @@ pub struct Config {
     #[arg(long, env = "KEYHOLD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// URLs to listen on for client traffic (gRPC and HTTP on the same port).
-    #[arg(long, env = "KEYHOLD_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "KEYHOLD_LISTEN_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub listen_client_urls: String,
     /// Client URLs advertised to the cluster. Default = the listen URLs.
     #[arg(long, env = "KEYHOLD_ADVERTISE_CLIENT_URLS")]
     pub advertise_client_urls: Option<String>,
     /// URLs to listen on for peer traffic (QUIC, UDP).
-    #[arg(long, env = "KEYHOLD_LISTEN_PEER_URLS", default_value = "http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        env = "KEYHOLD_LISTEN_PEER_URLS",
+        default_value = "http://127.0.0.1:2380"
+    )]
     pub listen_peer_urls: String,
     /// Peer URLs advertised to the cluster.
-    #[arg(long, env = "KEYHOLD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        env = "KEYHOLD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://127.0.0.1:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster: `name=peerURL,...`. Default = this member alone.
     #[arg(long, env = "KEYHOLD_INITIAL_CLUSTER")]
@@ -37,7 +53,11 @@ pub struct Config {
     #[arg(long, env = "KEYHOLD_INITIAL_CLUSTER_STATE", default_value = "new")]
     pub initial_cluster_state: String,
     /// Token that makes member and cluster IDs unique per cluster.
-    #[arg(long, env = "KEYHOLD_INITIAL_CLUSTER_TOKEN", default_value = "keyhold-cluster")]
+    #[arg(
+        long,
+        env = "KEYHOLD_INITIAL_CLUSTER_TOKEN",
+        default_value = "keyhold-cluster"
+    )]
     pub initial_cluster_token: String,
     /// Raft heartbeat interval in ms.
     #[arg(long, env = "KEYHOLD_HEARTBEAT_INTERVAL", default_value_t = 100)]
@@ -46,7 +66,12 @@ pub struct Config {
     #[arg(long, env = "KEYHOLD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
     /// Backend quota in bytes: 0 = default (2 GiB), negative = none.
-    #[arg(long, env = "KEYHOLD_QUOTA_BACKEND_BYTES", default_value_t = 0, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "KEYHOLD_QUOTA_BACKEND_BYTES",
+        default_value_t = 0,
+        allow_hyphen_values = true
+    )]
     pub quota_backend_bytes: i64,
     /// Largest client request in bytes.
     #[arg(long, env = "KEYHOLD_MAX_REQUEST_BYTES", default_value_t = 1536 * 1024)]
@@ -133,7 +158,9 @@ pub enum ConfigError {
     #[error("invalid duration {0:?}")]
     Duration(String),
     /// Timing flags that cannot work together.
-    #[error("--election-timeout ({election_ms} ms) must be at least 5 x --heartbeat-interval ({heartbeat_ms} ms)")]
+    #[error(
+        "--election-timeout ({election_ms} ms) must be at least 5 x --heartbeat-interval ({heartbeat_ms} ms)"
+    )]
     Timing {
         /// Election timeout.
         election_ms: u64,
@@ -163,7 +190,9 @@ pub fn parse_duration(s: &str, default_unit_s: u64) -> Result<Duration, ConfigEr
     if let Ok(n) = s.parse::<u64>() {
         return Ok(Duration::from_secs(n * default_unit_s));
     }
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(err)?;
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(err)?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().map_err(|_| err())?;
     let secs = match unit {
@@ -177,7 +206,10 @@ pub fn parse_duration(s: &str, default_unit_s: u64) -> Result<Duration, ConfigEr
 }
 
 fn split_urls(s: &str) -> Vec<String> {
-    s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect()
+    s.split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl Config {
@@ -187,13 +219,18 @@ impl Config {
     /// A [`ConfigError`] naming the flag that is wrong.
     pub fn validate(self) -> Result<ValidConfig, ConfigError> {
         let client_urls = split_urls(&self.listen_client_urls);
-        let listen_client =
-            client_urls.iter().map(|u| parse_url(u)).collect::<Result<Vec<_>, _>>()?;
+        let listen_client = client_urls
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>, _>>()?;
         if listen_client.is_empty() {
             return Err(ConfigError::Url(self.listen_client_urls));
         }
-        let advertise_client_urls =
-            self.advertise_client_urls.as_deref().map(split_urls).unwrap_or(client_urls);
+        let advertise_client_urls = self
+            .advertise_client_urls
+            .as_deref()
+            .map(split_urls)
+            .unwrap_or(client_urls);
         let advertise_peer_urls = split_urls(&self.initial_advertise_peer_urls);
         for u in &advertise_peer_urls {
             parse_url(u)?;
@@ -230,11 +267,15 @@ impl Config {
             n if n < 0 => 0,
             n => n as u64,
         };
-        let auto_compaction = match (self.auto_compaction_mode.as_str(), self.auto_compaction_retention.as_str()) {
+        let auto_compaction = match (
+            self.auto_compaction_mode.as_str(),
+            self.auto_compaction_retention.as_str(),
+        ) {
             (_, "0") => AutoCompaction::Disabled,
             ("periodic", r) => AutoCompaction::Periodic(parse_duration(r, 3600)?),
             ("revision", r) => AutoCompaction::Revision(
-                r.parse().map_err(|_| ConfigError::Invalid(format!("bad revision retention {r:?}")))?,
+                r.parse()
+                    .map_err(|_| ConfigError::Invalid(format!("bad revision retention {r:?}")))?,
             ),
             (m, _) => {
                 return Err(ConfigError::Invalid(format!(
@@ -249,10 +290,14 @@ impl Config {
             ));
         }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 {
-            return Err(ConfigError::Invalid("--max-txn-ops and --max-request-bytes must be > 0".into()));
+            return Err(ConfigError::Invalid(
+                "--max-txn-ops and --max-request-bytes must be > 0".into(),
+            ));
         }
         Ok(ValidConfig {
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.keyhold", self.name))),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(format!("{}.keyhold", self.name))),
             name: self.name,
             listen_client,
             advertise_client_urls,
@@ -299,7 +344,10 @@ mod tests {
     #[test]
     fn defaults_give_a_single_member_on_2379() {
         let c = config(&[]).expect("valid");
-        assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().expect("addr")]);
+        assert_eq!(
+            c.listen_client,
+            vec!["127.0.0.1:2379".parse().expect("addr")]
+        );
         assert_eq!(c.data_dir, PathBuf::from("default.keyhold"));
         assert_eq!(c.initial_cluster.len(), 1);
         assert_eq!(c.quota_bytes, 2 * 1024 * 1024 * 1024);
@@ -308,7 +356,10 @@ mod tests {
 
     #[test]
     fn bad_flags_are_refused_with_the_flag_named() {
-        assert!(matches!(config(&["--listen-client-urls", "tcp://x"]), Err(ConfigError::Url(_))));
+        assert!(matches!(
+            config(&["--listen-client-urls", "tcp://x"]),
+            Err(ConfigError::Url(_))
+        ));
         assert!(matches!(
             config(&["--election-timeout", "100"]),
             Err(ConfigError::Timing { .. })

@@ -20,10 +20,12 @@ const METRICS_REFRESH: Duration = Duration::from_secs(1);
 /// Installs the process-wide Prometheus recorder (once; later calls are no-ops).
 pub fn install_metrics() {
     PROMETHEUS.get_or_init(|| {
-        PrometheusBuilder::new().install_recorder().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "metrics recorder already installed");
-            PrometheusBuilder::new().build_recorder().handle()
-        })
+        PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "metrics recorder already installed");
+                PrometheusBuilder::new().build_recorder().handle()
+            })
     });
 }
 
@@ -67,20 +69,28 @@ async fn health(
         !exclude.split(',').any(|x| x == name)
     }) {
         reason = format!("ALARM {:?}", a.alarm).to_uppercase();
-    } else if q.get("serializable").map(String::as_str) != Some("true") {
-        if let Err(e) = node.read_barrier().await {
-            reason = format!("RAFT READ FAILED: {e}");
-        }
+    } else if q.get("serializable").map(String::as_str) != Some("true")
+        && let Err(e) = node.read_barrier().await
+    {
+        reason = format!("RAFT READ FAILED: {e}");
     }
     let healthy = reason.is_empty();
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(serde_json::json!({ "health": healthy.to_string(), "reason": reason })))
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(serde_json::json!({ "health": healthy.to_string(), "reason": reason })),
+    )
 }
 
 fn refresh_gauges(node: &Node) {
     let (committed, applied) = node.raft_indexes();
     metrics::gauge!("etcd_mvcc_db_total_size_in_bytes").set(node.store.size_bytes() as f64);
-    metrics::gauge!("etcd_mvcc_db_total_size_in_use_in_bytes").set(node.store.size_in_use_bytes() as f64);
+    metrics::gauge!("etcd_mvcc_db_total_size_in_use_in_bytes")
+        .set(node.store.size_in_use_bytes() as f64);
     metrics::gauge!("etcd_server_has_leader").set(if node.leader().is_some() { 1.0 } else { 0.0 });
     metrics::gauge!("etcd_server_is_leader").set(if node.is_leader() { 1.0 } else { 0.0 });
     metrics::gauge!("etcd_server_quota_backend_bytes").set(node.config.quota_bytes as f64);
@@ -92,7 +102,8 @@ fn refresh_gauges(node: &Node) {
     metrics::gauge!("etcd_debugging_mvcc_compact_revision")
         .set(node.store.compact_revision().unwrap_or(0) as f64);
     metrics::gauge!("etcd_debugging_mvcc_watcher_total").set(node.store.hub().len() as f64);
-    metrics::gauge!("etcd_debugging_lease_total").set(node.store.with_lessor(|l| l.ids().len()) as f64);
+    metrics::gauge!("etcd_debugging_lease_total")
+        .set(node.store.with_lessor(|l| l.ids().len()) as f64);
     metrics::gauge!("etcd_server_version", "server_version" => ETCD_COMPAT_VERSION).set(1.0);
     metrics::gauge!("keyhold_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }

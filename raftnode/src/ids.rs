@@ -39,7 +39,10 @@ mod tests {
         assert_eq!(a, member_id(&["http://127.0.0.1:2380".into()], "t"));
         assert_ne!(a, member_id(&["http://127.0.0.1:2380".into()], "u"));
         let urls = ["http://b:1".to_string(), "http://a:1".to_string()];
-        assert_eq!(member_id(&urls, "t"), member_id(&[urls[1].clone(), urls[0].clone()], "t"));
+        assert_eq!(
+            member_id(&urls, "t"),
+            member_id(&[urls[1].clone(), urls[0].clone()], "t")
+        );
         assert_eq!(cluster_id(&[1, 2]), cluster_id(&[2, 1]));
         assert_ne!(cluster_id(&[1, 2]), cluster_id(&[1, 3]));
     }

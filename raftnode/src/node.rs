@@ -108,7 +108,11 @@ impl Node {
                 Applied::Nothing => Err(Error::Internal("write applied as a blank entry".into())),
             },
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(if f.leader_id.is_none() { Error::NoLeader } else { Error::LeaderChanged })
+                Err(if f.leader_id.is_none() {
+                    Error::NoLeader
+                } else {
+                    Error::LeaderChanged
+                })
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(Error::Internal(e.to_string()))
@@ -127,8 +131,12 @@ impl Node {
         match tokio::time::timeout(self.request_timeout(), barrier).await {
             Err(_) => Err(Error::Timeout),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(Error::NoLeader),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => Err(Error::Timeout),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(Error::NoLeader)
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                Err(Error::Timeout)
+            }
             Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
         }
     }
@@ -146,8 +154,13 @@ impl Node {
 /// Startup failures (data dir, listeners); runtime failures are logged.
 pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let db = fjall::Database::builder(config.data_dir.join("db")).cache_size(64 * 1024 * 1024).open()?;
-    let options = StoreOptions { quota_bytes: config.quota_bytes, ..StoreOptions::default() };
+    let db = fjall::Database::builder(config.data_dir.join("db"))
+        .cache_size(64 * 1024 * 1024)
+        .open()?;
+    let options = StoreOptions {
+        quota_bytes: config.quota_bytes,
+        ..StoreOptions::default()
+    };
     let store = Arc::new(KvStore::with_database(db.clone(), options)?);
     let log_store = LogStore::open(db)?;
     let clock = Clock::default();
@@ -214,7 +227,9 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         let app = router.clone();
         let stop = stopped(node.shutdown.clone());
         servers.push(tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
         }));
     }
 
@@ -254,7 +269,13 @@ async fn lessor_driver(node: Arc<Node>) {
         let leader = node.is_leader();
         if leader != was_leader {
             let extend = node.config.election_timeout.as_millis() as u64;
-            node.store.with_lessor(|l| if leader { l.promote(now, extend) } else { l.demote() });
+            node.store.with_lessor(|l| {
+                if leader {
+                    l.promote(now, extend)
+                } else {
+                    l.demote()
+                }
+            });
             was_leader = leader;
         }
         if !leader {
@@ -272,9 +293,13 @@ async fn lessor_driver(node: Arc<Node>) {
         let interval = LEASE_CHECKPOINT_INTERVAL.as_millis() as u64;
         if now.saturating_sub(last_checkpoint) >= interval {
             last_checkpoint = now;
-            let due = node.store.with_lessor(|l| l.checkpoints_due(now, interval, 1000));
+            let due = node
+                .store
+                .with_lessor(|l| l.checkpoints_due(now, interval, 1000));
             for (id, remaining_ttl) in due {
-                let _ = node.propose(WriteRequest::LeaseCheckpoint { id, remaining_ttl }).await;
+                let _ = node
+                    .propose(WriteRequest::LeaseCheckpoint { id, remaining_ttl })
+                    .await;
             }
         }
     }
@@ -292,7 +317,9 @@ async fn compaction_driver(node: Arc<Node>) {
     let mut samples: std::collections::VecDeque<(u64, i64)> = Default::default();
     loop {
         tick.tick().await;
-        let Ok(current) = node.store.current_revision() else { continue };
+        let Ok(current) = node.store.current_revision() else {
+            continue;
+        };
         let target = match (keep, node.config.auto_compaction) {
             (Some(n), _) => current - n,
             (None, AutoCompaction::Periodic(d)) => {
@@ -309,7 +336,10 @@ async fn compaction_driver(node: Arc<Node>) {
         };
         let compacted = node.store.compact_revision().unwrap_or(0);
         if node.is_leader() && target > compacted && target > 1 {
-            match node.propose(WriteRequest::Compact { revision: target }).await {
+            match node
+                .propose(WriteRequest::Compact { revision: target })
+                .await
+            {
                 Ok(_) => tracing::info!(revision = target, "auto compaction"),
                 Err(e) => tracing::warn!(revision = target, error = %e, "auto compaction"),
             }

@@ -33,7 +33,10 @@ impl KeyRange {
             [0] => KeyEnd::Unbounded,
             e => KeyEnd::Before(e.to_vec()),
         };
-        Self { start: key.to_vec(), end }
+        Self {
+            start: key.to_vec(),
+            end,
+        }
     }
 
     /// Whether `key` is inside the range.

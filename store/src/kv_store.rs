@@ -66,7 +66,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { quota_bytes: limits::QUOTA_BACKEND_BYTES_DEFAULT, cache_bytes: 64 * 1024 * 1024 }
+        Self {
+            quota_bytes: limits::QUOTA_BACKEND_BYTES_DEFAULT,
+            cache_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -118,7 +121,9 @@ fn i64_at(v: Option<fjall::Slice>) -> Result<i64> {
     match v {
         None => Ok(0),
         Some(b) => Ok(i64::from_be_bytes(
-            b.as_ref().try_into().map_err(|_| Error::Storage("bad meta integer".into()))?,
+            b.as_ref()
+                .try_into()
+                .map_err(|_| Error::Storage("bad meta integer".into()))?,
         )),
     }
 }
@@ -135,7 +140,9 @@ impl KvStore {
     /// # Errors
     /// `Storage` when the directory cannot be opened or holds another format.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Self> {
-        let db = Database::builder(path).cache_size(options.cache_bytes).open()?;
+        let db = Database::builder(path)
+            .cache_size(options.cache_bytes)
+            .open()?;
         Self::with_database(db, options)
     }
 
@@ -155,7 +162,10 @@ impl KvStore {
             db,
             options,
             writer: Mutex::new(()),
-            state: Mutex::new(State { lessor: Lessor::default(), alarms: BTreeSet::new() }),
+            state: Mutex::new(State {
+                lessor: Lessor::default(),
+                alarms: BTreeSet::new(),
+            }),
             hub: Mutex::new(WatchHub::new(1)),
         };
         match store.meta.get(META_FORMAT)? {
@@ -174,12 +184,22 @@ impl KvStore {
 
     /// Every keyspace of the store, in a fixed order (the snapshot format depends on it).
     pub(crate) fn keyspaces(&self) -> [&Keyspace; 6] {
-        [&self.latest, &self.history, &self.index, &self.lease, &self.lease_keys, &self.meta]
+        [
+            &self.latest,
+            &self.history,
+            &self.index,
+            &self.lease,
+            &self.lease_keys,
+            &self.meta,
+        ]
     }
 
     /// Rebuilds in-memory state (lessor, alarms, watch hub revision) after an import.
     pub(crate) fn reload(&self) -> Result<()> {
-        *lock(&self.state) = State { lessor: Lessor::default(), alarms: BTreeSet::new() };
+        *lock(&self.state) = State {
+            lessor: Lessor::default(),
+            alarms: BTreeSet::new(),
+        };
         self.recover()
     }
 
@@ -258,9 +278,11 @@ impl KvStore {
         Ok(())
     }
 
-    /// Bytes on disk (journal and tables).
+    /// Bytes of the backend: on-disk tables plus data still in write buffers (the journal file
+    /// itself is preallocated and sparse, so its length says nothing about the data).
     pub fn size_bytes(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
+        let tables: u64 = self.keyspaces().iter().map(|ks| ks.disk_space()).sum();
+        tables + self.db.write_buffer_size()
     }
 
     /// Approximate bytes of live data (keys and values at the current revision).
@@ -326,7 +348,10 @@ impl KvStore {
         let snap = self.db.snapshot();
         let current = i64_at(snap.get(&self.meta, META_REVISION)?)?.max(1);
         let compacted = i64_at(snap.get(&self.meta, META_COMPACT)?)?;
-        let read = View::Snapshot { snap: &snap, store: self };
+        let read = View::Snapshot {
+            snap: &snap,
+            store: self,
+        };
         range_at(&read, req, current, compacted, &BTreeMap::new())
     }
 
@@ -368,13 +393,24 @@ impl KvStore {
                 continue;
             }
             let prev = if prev_kv {
-                let view = View::Snapshot { snap: &snap, store: self };
+                let view = View::Snapshot {
+                    snap: &snap,
+                    store: self,
+                };
                 view.key_at(&rec.kv.key, rev.main - 1, compacted)?
             } else {
                 None
             };
-            let kind = if rec.tombstone { EventType::Delete } else { EventType::Put };
-            events.push(Event { kind, kv: rec.kv, prev_kv: prev });
+            let kind = if rec.tombstone {
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            events.push(Event {
+                kind,
+                kv: rec.kv,
+                prev_kv: prev,
+            });
         }
         Ok((events, to + 1))
     }
@@ -407,7 +443,11 @@ impl KvStore {
 
     /// Keys attached to a lease.
     pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
-        lock(&self.state).lessor.get(id).map(|l| l.keys.iter().cloned().collect()).unwrap_or_default()
+        lock(&self.state)
+            .lessor
+            .get(id)
+            .map(|l| l.keys.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     // ---------------------------------------------------------------------------------------
@@ -450,11 +490,15 @@ impl KvStore {
         // Revisions of the current key at or below `rev`, ascending: (index entry, revision, tombstone).
         let mut below: Vec<(Vec<u8>, Revision, bool)> = Vec::new();
         let flush_key = |below: &mut Vec<(Vec<u8>, Revision, bool)>,
-                             batch: &mut OwnedWriteBatch,
-                             pending: &mut usize| {
+                         batch: &mut OwnedWriteBatch,
+                         pending: &mut usize| {
             if let Some((_, keep_rev, tomb)) = below.last().cloned() {
                 let keep_last = !(tomb && keep_rev.main < rev);
-                let n = if keep_last { below.len() - 1 } else { below.len() };
+                let n = if keep_last {
+                    below.len() - 1
+                } else {
+                    below.len()
+                };
                 for (entry, r, _) in below.drain(..).take(n) {
                     batch.remove(&self.index, entry);
                     batch.remove(&self.history, r.to_bytes().to_vec());
@@ -491,8 +535,13 @@ fn bad(what: &str) -> Error {
 
 /// A read view: a snapshot for readers, or the live keyspaces for the single writer.
 enum View<'a> {
-    Snapshot { snap: &'a fjall::Snapshot, store: &'a KvStore },
-    Live { store: &'a KvStore },
+    Snapshot {
+        snap: &'a fjall::Snapshot,
+        store: &'a KvStore,
+    },
+    Live {
+        store: &'a KvStore,
+    },
 }
 
 impl View<'_> {
@@ -560,7 +609,9 @@ impl View<'_> {
             return Ok(None);
         }
         let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
-        let rec = self.get(&store.history, &r.to_bytes())?.ok_or_else(|| bad("history gap"))?;
+        let rec = self
+            .get(&store.history, &r.to_bytes())?
+            .ok_or_else(|| bad("history gap"))?;
         Ok(Some(decode::<HistoryRecord>(&rec)?.kv))
     }
 
@@ -572,7 +623,10 @@ impl View<'_> {
         }
         let lo = keys::index_key_prefix(&range.start);
         let hi = match &range.end {
-            KeyEnd::Single => Some(keys::index_key(&range.start, Revision::new(i64::MAX, i64::MAX))),
+            KeyEnd::Single => Some(keys::index_key(
+                &range.start,
+                Revision::new(i64::MAX, i64::MAX),
+            )),
             KeyEnd::Unbounded => None,
             KeyEnd::Before(e) => Some(keys::index_key_prefix(e)),
         };
@@ -580,7 +634,9 @@ impl View<'_> {
         let mut best: Option<(Vec<u8>, Revision, bool)> = None;
         let mut emit = |best: Option<(Vec<u8>, Revision, bool)>| -> Result<()> {
             if let Some((_, r, false)) = best {
-                let rec = self.get(&store.history, &r.to_bytes())?.ok_or_else(|| bad("history"))?;
+                let rec = self
+                    .get(&store.history, &r.to_bytes())?
+                    .ok_or_else(|| bad("history"))?;
                 out.push(decode::<HistoryRecord>(&rec)?.kv);
             }
             Ok(())
@@ -610,7 +666,11 @@ fn range_at(
     compacted: i64,
     overlay: &BTreeMap<Vec<u8>, Option<KeyValue>>,
 ) -> Result<RangeResponse> {
-    let rev = if req.revision <= 0 { current } else { req.revision };
+    let rev = if req.revision <= 0 {
+        current
+    } else {
+        req.revision
+    };
     if rev > current {
         return Err(Error::FutureRevision);
     }
@@ -661,7 +721,12 @@ fn range_at(
             kv.value.clear();
         }
     }
-    Ok(RangeResponse { revision: current, kvs, more, count })
+    Ok(RangeResponse {
+        revision: current,
+        kvs,
+        more,
+        count,
+    })
 }
 
 fn sort_kvs(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
@@ -748,7 +813,11 @@ impl<'a> WriteTxn<'a> {
 
     /// Revision reads see: the new revision once something changed.
     fn read_revision(&self) -> i64 {
-        if self.sub > 0 { self.begin + 1 } else { self.begin }
+        if self.sub > 0 {
+            self.begin + 1
+        } else {
+            self.begin
+        }
     }
 
     fn compacted(&self) -> Result<i64> {
@@ -760,7 +829,10 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn has_alarm(&self, alarm: AlarmType) -> bool {
-        lock(&self.store.state).alarms.iter().any(|a| a.alarm == alarm)
+        lock(&self.store.state)
+            .alarms
+            .iter()
+            .any(|a| a.alarm == alarm)
     }
 
     fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>> {
@@ -779,7 +851,11 @@ impl<'a> WriteTxn<'a> {
         match req {
             WriteRequest::Alarm { .. } => {}
             WriteRequest::Put(_) | WriteRequest::LeaseGrant { .. } if corrupt || nospace => {
-                return Err(if corrupt { Error::Corrupt } else { Error::NoSpace });
+                return Err(if corrupt {
+                    Error::Corrupt
+                } else {
+                    Error::NoSpace
+                });
             }
             WriteRequest::Txn(t) if nospace && txn_has_put(t) => return Err(Error::NoSpace),
             _ if corrupt => return Err(Error::Corrupt),
@@ -802,7 +878,9 @@ impl<'a> WriteTxn<'a> {
                     return Err(Error::FutureRevision);
                 }
                 self.compact = Some(rev);
-                Ok(WriteResponse::Compact { revision: self.begin })
+                Ok(WriteResponse::Compact {
+                    revision: self.begin,
+                })
             }
             WriteRequest::LeaseGrant { id, ttl } => {
                 if *ttl > limits::LEASE_TTL_MAX_SECONDS {
@@ -811,10 +889,18 @@ impl<'a> WriteTxn<'a> {
                 if self.lease_exists(*id) {
                     return Err(Error::LeaseExists);
                 }
-                let rec = LeaseRecord { ttl: *ttl, remaining_ttl: 0 };
-                self.batch.insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                let rec = LeaseRecord {
+                    ttl: *ttl,
+                    remaining_ttl: 0,
+                };
+                self.batch
+                    .insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
                 self.lease_grant = Some((*id, rec));
-                Ok(WriteResponse::LeaseGrant { id: *id, ttl: *ttl, revision: self.begin })
+                Ok(WriteResponse::LeaseGrant {
+                    id: *id,
+                    ttl: *ttl,
+                    revision: self.begin,
+                })
             }
             WriteRequest::LeaseRevoke { id } => {
                 let keys = {
@@ -825,9 +911,12 @@ impl<'a> WriteTxn<'a> {
                 for key in keys {
                     self.delete_keys(std::slice::from_ref(&key), false)?;
                 }
-                self.batch.remove(&self.store.lease, id.to_be_bytes().to_vec());
+                self.batch
+                    .remove(&self.store.lease, id.to_be_bytes().to_vec());
                 self.lease_remove = Some(*id);
-                Ok(WriteResponse::Lease { revision: self.read_revision() })
+                Ok(WriteResponse::Lease {
+                    revision: self.read_revision(),
+                })
             }
             WriteRequest::LeaseCheckpoint { id, remaining_ttl } => {
                 let ttl = {
@@ -835,11 +924,17 @@ impl<'a> WriteTxn<'a> {
                     state.lessor.get(*id).map(|l| l.ttl)
                 };
                 if let Some(ttl) = ttl {
-                    let rec = LeaseRecord { ttl, remaining_ttl: *remaining_ttl };
-                    self.batch.insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                    let rec = LeaseRecord {
+                        ttl,
+                        remaining_ttl: *remaining_ttl,
+                    };
+                    self.batch
+                        .insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
                     self.lease_remaining = Some((*id, *remaining_ttl));
                 }
-                Ok(WriteResponse::Lease { revision: self.begin })
+                Ok(WriteResponse::Lease {
+                    revision: self.begin,
+                })
             }
             WriteRequest::Alarm { activate, alarm } => {
                 let mut alarms = lock(&self.store.state).alarms.clone();
@@ -848,7 +943,8 @@ impl<'a> WriteTxn<'a> {
                 } else {
                     alarms.remove(alarm);
                 }
-                self.batch.insert(&self.store.meta, META_ALARMS, encode(&alarms)?);
+                self.batch
+                    .insert(&self.store.meta, META_ALARMS, encode(&alarms)?);
                 self.alarms = Some(alarms.clone());
                 Ok(WriteResponse::Alarm {
                     alarms: alarms.into_iter().collect(),
@@ -862,23 +958,38 @@ impl<'a> WriteTxn<'a> {
         let rev = Revision::new(self.begin + 1, self.sub);
         self.sub += 1;
         let store = self.store;
-        let rec = HistoryRecord { kv: kv.clone(), tombstone: false };
-        self.batch.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-        self.batch.insert(&store.index, keys::index_key(&kv.key, rev), vec![INDEX_LIVE]);
-        self.batch.insert(&store.latest, kv.key.clone(), encode(&kv)?);
+        let rec = HistoryRecord {
+            kv: kv.clone(),
+            tombstone: false,
+        };
+        self.batch
+            .insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+        self.batch.insert(
+            &store.index,
+            keys::index_key(&kv.key, rev),
+            vec![INDEX_LIVE],
+        );
+        self.batch
+            .insert(&store.latest, kv.key.clone(), encode(&kv)?);
         let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != kv.lease {
             if old_lease != 0 {
-                self.batch.remove(&store.lease_keys, lease_key(old_lease, &kv.key));
+                self.batch
+                    .remove(&store.lease_keys, lease_key(old_lease, &kv.key));
                 self.lease_attach.push((old_lease, kv.key.clone(), false));
             }
             if kv.lease != 0 {
-                self.batch.insert(&store.lease_keys, lease_key(kv.lease, &kv.key), Vec::new());
+                self.batch
+                    .insert(&store.lease_keys, lease_key(kv.lease, &kv.key), Vec::new());
                 self.lease_attach.push((kv.lease, kv.key.clone(), true));
             }
         }
         self.overlay.insert(kv.key.clone(), Some(kv.clone()));
-        self.events.push(Event { kind: EventType::Put, kv, prev_kv: prev });
+        self.events.push(Event {
+            kind: EventType::Put,
+            kv,
+            prev_kv: prev,
+        });
         Ok(())
     }
 
@@ -892,7 +1003,11 @@ impl<'a> WriteTxn<'a> {
         } else {
             p.value.clone()
         };
-        let lease = if p.ignore_lease { prev.as_ref().map_or(0, |kv| kv.lease) } else { p.lease };
+        let lease = if p.ignore_lease {
+            prev.as_ref().map_or(0, |kv| kv.lease)
+        } else {
+            p.lease
+        };
         if lease != 0 && !self.lease_exists(lease) {
             return Err(Error::LeaseNotFound);
         }
@@ -907,28 +1022,50 @@ impl<'a> WriteTxn<'a> {
         };
         let prev_kv = if p.prev_kv { prev.clone() } else { None };
         self.write_kv(kv, prev)?;
-        Ok(PutResponse { revision: rev, prev_kv })
+        Ok(PutResponse {
+            revision: rev,
+            prev_kv,
+        })
     }
 
     /// Deletes the given live keys (already known to exist or not); returns the deleted kvs.
     fn delete_keys(&mut self, keys_to_delete: &[Vec<u8>], _prev: bool) -> Result<Vec<KeyValue>> {
         let mut deleted = Vec::new();
         for key in keys_to_delete {
-            let Some(prev) = self.get_latest(key)? else { continue };
+            let Some(prev) = self.get_latest(key)? else {
+                continue;
+            };
             let rev = Revision::new(self.begin + 1, self.sub);
             self.sub += 1;
             let store = self.store;
-            let tomb = KeyValue { key: key.clone(), mod_revision: rev.main, ..Default::default() };
-            let rec = HistoryRecord { kv: tomb.clone(), tombstone: true };
-            self.batch.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-            self.batch.insert(&store.index, keys::index_key(key, rev), vec![INDEX_TOMBSTONE]);
+            let tomb = KeyValue {
+                key: key.clone(),
+                mod_revision: rev.main,
+                ..Default::default()
+            };
+            let rec = HistoryRecord {
+                kv: tomb.clone(),
+                tombstone: true,
+            };
+            self.batch
+                .insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+            self.batch.insert(
+                &store.index,
+                keys::index_key(key, rev),
+                vec![INDEX_TOMBSTONE],
+            );
             self.batch.remove(&store.latest, key.clone());
             if prev.lease != 0 {
-                self.batch.remove(&store.lease_keys, lease_key(prev.lease, key));
+                self.batch
+                    .remove(&store.lease_keys, lease_key(prev.lease, key));
                 self.lease_attach.push((prev.lease, key.clone(), false));
             }
             self.overlay.insert(key.clone(), None);
-            self.events.push(Event { kind: EventType::Delete, kv: tomb, prev_kv: Some(prev.clone()) });
+            self.events.push(Event {
+                kind: EventType::Delete,
+                kv: tomb,
+                prev_kv: Some(prev.clone()),
+            });
             deleted.push(prev);
         }
         Ok(deleted)
@@ -1021,7 +1158,11 @@ impl<'a> WriteTxn<'a> {
                 RequestOp::Txn(n) => ResponseOp::Txn(self.exec_txn(n, path)?),
             });
         }
-        Ok(TxnResponse { revision: 0, succeeded, responses })
+        Ok(TxnResponse {
+            revision: 0,
+            succeeded,
+            responses,
+        })
     }
 
     /// Commits the batch with `meta`; returns the new revision and its events if it changed.
@@ -1030,10 +1171,15 @@ impl<'a> WriteTxn<'a> {
         let changed = self.sub > 0;
         let rev = self.begin + 1;
         if changed {
-            self.batch.insert(&store.meta, META_REVISION, rev.to_be_bytes().to_vec());
+            self.batch
+                .insert(&store.meta, META_REVISION, rev.to_be_bytes().to_vec());
         }
         if let Some(c) = self.compact {
-            self.batch.insert(&store.meta, META_COMPACT_SCHEDULED, c.to_be_bytes().to_vec());
+            self.batch.insert(
+                &store.meta,
+                META_COMPACT_SCHEDULED,
+                c.to_be_bytes().to_vec(),
+            );
         }
         for (k, v) in meta {
             self.batch.insert(&store.meta, *k, *v);

@@ -96,7 +96,11 @@ impl Lessor {
     pub fn promote(&mut self, now_ms: u64, extend_ms: u64) {
         self.primary = true;
         for l in self.leases.values_mut() {
-            let ttl = if l.remaining_ttl > 0 { l.remaining_ttl } else { l.ttl };
+            let ttl = if l.remaining_ttl > 0 {
+                l.remaining_ttl
+            } else {
+                l.ttl
+            };
             l.deadline_ms = Some(deadline(now_ms, ttl, extend_ms));
             l.revoke_requested_ms = None;
         }
@@ -164,7 +168,11 @@ impl Lessor {
             .filter_map(|(id, l)| {
                 let d = l.deadline_ms?;
                 let remaining = (d.saturating_sub(now_ms) / 1000) as i64;
-                let recorded = if l.remaining_ttl > 0 { l.remaining_ttl } else { l.ttl };
+                let recorded = if l.remaining_ttl > 0 {
+                    l.remaining_ttl
+                } else {
+                    l.ttl
+                };
                 (remaining > 0 && recorded - remaining >= interval_s).then_some((*id, remaining))
             })
             .take(max)
@@ -183,18 +191,27 @@ mod tests {
     use super::*;
 
     fn rec(ttl: i64) -> LeaseRecord {
-        LeaseRecord { ttl, remaining_ttl: 0 }
+        LeaseRecord {
+            ttl,
+            remaining_ttl: 0,
+        }
     }
 
     #[test]
     fn only_the_primary_expires_leases() {
         let mut l = Lessor::default();
         l.insert(1, rec(5), 0);
-        assert!(l.expired(1_000_000, 10).is_empty(), "a follower never expires");
+        assert!(
+            l.expired(1_000_000, 10).is_empty(),
+            "a follower never expires"
+        );
         l.promote(1_000, 0);
         assert!(l.expired(5_999, 10).is_empty());
         assert_eq!(l.expired(6_000, 10), vec![1]);
-        assert!(l.expired(6_001, 10).is_empty(), "not handed out twice within the retry time");
+        assert!(
+            l.expired(6_001, 10).is_empty(),
+            "not handed out twice within the retry time"
+        );
         assert_eq!(l.expired(6_000 + REVOKE_RETRY_MS, 10), vec![1]);
     }
 
@@ -212,7 +229,14 @@ mod tests {
     #[test]
     fn promotion_resumes_from_the_checkpointed_remaining_ttl() {
         let mut l = Lessor::default();
-        l.insert(3, LeaseRecord { ttl: 60, remaining_ttl: 20 }, 0);
+        l.insert(
+            3,
+            LeaseRecord {
+                ttl: 60,
+                remaining_ttl: 20,
+            },
+            0,
+        );
         l.promote(100_000, 1_000);
         assert_eq!(l.remaining_seconds(3, 100_000), Some(21));
         assert!(l.expired(120_999, 1).is_empty());

@@ -6,7 +6,9 @@
 //! `00..07 00..01`.
 
 /// One change's position in history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Revision {
     /// Store revision of the write request.
     pub main: i64,
@@ -50,7 +52,12 @@ mod tests {
 
     #[test]
     fn encoding_round_trips_and_preserves_order() {
-        let revs = [Revision::new(0, 0), Revision::new(1, 5), Revision::new(2, 0), Revision::new(2, 1)];
+        let revs = [
+            Revision::new(0, 0),
+            Revision::new(1, 5),
+            Revision::new(2, 0),
+            Revision::new(2, 1),
+        ];
         for w in revs.windows(2) {
             assert!(w[0].to_bytes() < w[1].to_bytes());
         }

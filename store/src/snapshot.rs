@@ -46,7 +46,8 @@ impl KvStore {
                 let (k, v) = item.into_inner()?;
                 out.write_all(&[tag as u8]).map_err(io)?;
                 for part in [&k[..], &v[..]] {
-                    out.write_all(&(part.len() as u32).to_be_bytes()).map_err(io)?;
+                    out.write_all(&(part.len() as u32).to_be_bytes())
+                        .map_err(io)?;
                     out.write_all(part).map_err(io)?;
                 }
             }

@@ -57,7 +57,11 @@ pub struct WatchHub {
 
 impl WatchHub {
     pub(crate) fn new(current_revision: i64) -> Self {
-        Self { watchers: HashMap::new(), last_notified: current_revision, next_id: 1 }
+        Self {
+            watchers: HashMap::new(),
+            last_notified: current_revision,
+            next_id: 1,
+        }
     }
 
     /// The newest revision handed to synced watchers.
@@ -73,11 +77,23 @@ impl WatchHub {
         start_revision: i64,
         sink: Arc<dyn WatchSink>,
     ) -> (WatcherId, i64) {
-        let next_rev = if start_revision <= 0 { self.last_notified + 1 } else { start_revision };
+        let next_rev = if start_revision <= 0 {
+            self.last_notified + 1
+        } else {
+            start_revision
+        };
         let synced = next_rev > self.last_notified;
         let id = self.next_id;
         self.next_id += 1;
-        self.watchers.insert(id, Watcher { range, next_rev, synced, sink });
+        self.watchers.insert(
+            id,
+            Watcher {
+                range,
+                next_rev,
+                synced,
+                sink,
+            },
+        );
         (id, next_rev)
     }
 
@@ -121,14 +137,20 @@ impl WatchHub {
 
     /// Delivers one committed revision's events to every synced watcher whose range they touch.
     pub(crate) fn notify(&mut self, revision: i64, events: &[Event]) {
-        assert!(revision > self.last_notified, "revisions notified out of order");
+        assert!(
+            revision > self.last_notified,
+            "revisions notified out of order"
+        );
         self.last_notified = revision;
         for (id, w) in &mut self.watchers {
             if !w.synced || w.next_rev > revision {
                 continue;
             }
-            let matching: Vec<Event> =
-                events.iter().filter(|e| w.range.contains(&e.kv.key)).cloned().collect();
+            let matching: Vec<Event> = events
+                .iter()
+                .filter(|e| w.range.contains(&e.kv.key))
+                .cloned()
+                .collect();
             if matching.is_empty() {
                 continue;
             }

@@ -15,7 +15,11 @@ fn apply(s: &KvStore, req: WriteRequest) -> Result<WriteResponse> {
 }
 
 fn put(s: &KvStore, k: &str, v: &str) -> i64 {
-    let req = PutRequest { key: k.into(), value: v.into(), ..Default::default() };
+    let req = PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    };
     match apply(s, WriteRequest::Put(req)).expect("put") {
         WriteResponse::Put(p) => p.revision,
         other => panic!("unexpected {other:?}"),
@@ -23,7 +27,11 @@ fn put(s: &KvStore, k: &str, v: &str) -> i64 {
 }
 
 fn get(s: &KvStore, k: &str, rev: i64) -> Result<Option<KeyValue>> {
-    let req = RangeRequest { key: k.into(), revision: rev, ..Default::default() };
+    let req = RangeRequest {
+        key: k.into(),
+        revision: rev,
+        ..Default::default()
+    };
     Ok(s.range(&req)?.kvs.into_iter().next())
 }
 
@@ -41,7 +49,11 @@ fn revisions_versions_and_history() {
     let kv = get(&s, "a", 0).expect("get").expect("present");
     assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
     assert_eq!(get(&s, "a", 2).expect("get").expect("present").value, b"1");
-    let del = DeleteRangeRequest { key: "a".into(), prev_kv: true, ..Default::default() };
+    let del = DeleteRangeRequest {
+        key: "a".into(),
+        prev_kv: true,
+        ..Default::default()
+    };
     match apply(&s, WriteRequest::DeleteRange(del.clone())).expect("delete") {
         WriteResponse::DeleteRange(d) => {
             assert_eq!((d.revision, d.deleted, d.prev_kvs.len()), (4, 1, 1));
@@ -68,29 +80,82 @@ fn range_options() {
         put(&s, k, v);
     }
     put(&s, "a", "y2");
-    let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+    let all = RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        ..Default::default()
+    };
     let keys = |r: RangeResponse| r.kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>();
-    assert_eq!(keys(range(&s, all.clone())), vec![b"a".to_vec(), b"b".into(), b"c".into(), b"d\0".into()]);
-    let limited = range(&s, RangeRequest { limit: 2, ..all.clone() });
-    assert_eq!((limited.kvs.len(), limited.more, limited.count), (2, true, 4));
-    let by_value = RangeRequest { sort_target: SortTarget::Value, sort_order: SortOrder::Descend, ..all.clone() };
+    assert_eq!(
+        keys(range(&s, all.clone())),
+        vec![b"a".to_vec(), b"b".into(), b"c".into(), b"d\0".into()]
+    );
+    let limited = range(
+        &s,
+        RangeRequest {
+            limit: 2,
+            ..all.clone()
+        },
+    );
+    assert_eq!(
+        (limited.kvs.len(), limited.more, limited.count),
+        (2, true, 4)
+    );
+    let by_value = RangeRequest {
+        sort_target: SortTarget::Value,
+        sort_order: SortOrder::Descend,
+        ..all.clone()
+    };
     assert_eq!(keys(range(&s, by_value))[0], b"b");
-    let by_mod = RangeRequest { sort_target: SortTarget::Mod, ..all.clone() };
-    assert_eq!(keys(range(&s, by_mod))[3], b"a", "NONE order on a non-key target ascends");
-    let prefix = RangeRequest { key: "a".into(), range_end: prefix_end(b"a"), ..Default::default() };
+    let by_mod = RangeRequest {
+        sort_target: SortTarget::Mod,
+        ..all.clone()
+    };
+    assert_eq!(
+        keys(range(&s, by_mod))[3],
+        b"a",
+        "NONE order on a non-key target ascends"
+    );
+    let prefix = RangeRequest {
+        key: "a".into(),
+        range_end: prefix_end(b"a"),
+        ..Default::default()
+    };
     assert_eq!(range(&s, prefix).count, 1);
-    let filtered = RangeRequest { min_mod_revision: 4, ..all.clone() };
+    let filtered = RangeRequest {
+        min_mod_revision: 4,
+        ..all.clone()
+    };
     let r = range(&s, filtered);
     assert_eq!((r.kvs.len(), r.count), (3, 4), "count ignores filters");
-    let count_only = range(&s, RangeRequest { count_only: true, ..all.clone() });
+    let count_only = range(
+        &s,
+        RangeRequest {
+            count_only: true,
+            ..all.clone()
+        },
+    );
     assert!(count_only.kvs.is_empty());
     assert_eq!(count_only.count, 4);
-    let keys_only = range(&s, RangeRequest { keys_only: true, ..all.clone() });
+    let keys_only = range(
+        &s,
+        RangeRequest {
+            keys_only: true,
+            ..all.clone()
+        },
+    );
     assert!(keys_only.kvs.iter().all(|kv| kv.value.is_empty()));
-    let from_key = RangeRequest { key: "c".into(), range_end: vec![0], ..Default::default() };
+    let from_key = RangeRequest {
+        key: "c".into(),
+        range_end: vec![0],
+        ..Default::default()
+    };
     assert_eq!(range(&s, from_key).count, 2);
     let historical = RangeRequest { revision: 3, ..all };
-    assert_eq!(keys(range(&s, historical)), vec![b"a".to_vec(), b"b".into()]);
+    assert_eq!(
+        keys(range(&s, historical)),
+        vec![b"a".to_vec(), b"b".into()]
+    );
 }
 
 #[test]
@@ -98,12 +163,27 @@ fn txn_compares_branches_and_nested_reads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = open(&dir);
     put(&s, "k", "v");
-    let cmp = |target, result| Compare { result, target, key: "k".into(), range_end: vec![] };
+    let cmp = |target, result| Compare {
+        result,
+        target,
+        key: "k".into(),
+        range_end: vec![],
+    };
     let txn = TxnRequest {
-        compare: vec![cmp(CompareTarget::Value(b"v".to_vec()), CompareResult::Equal)],
+        compare: vec![cmp(
+            CompareTarget::Value(b"v".to_vec()),
+            CompareResult::Equal,
+        )],
         success: vec![
-            RequestOp::Put(PutRequest { key: "k".into(), value: "w".into(), ..Default::default() }),
-            RequestOp::Range(RangeRequest { key: "k".into(), ..Default::default() }),
+            RequestOp::Put(PutRequest {
+                key: "k".into(),
+                value: "w".into(),
+                ..Default::default()
+            }),
+            RequestOp::Range(RangeRequest {
+                key: "k".into(),
+                ..Default::default()
+            }),
             RequestOp::Txn(TxnRequest {
                 compare: vec![cmp(CompareTarget::Version(1), CompareResult::Equal)],
                 success: vec![RequestOp::Put(PutRequest {
@@ -122,43 +202,90 @@ fn txn_compares_branches_and_nested_reads() {
     };
     assert!(resp.succeeded);
     assert_eq!(resp.revision, 3);
-    let ResponseOp::Range(r) = &resp.responses[1] else { panic!("range expected") };
+    let ResponseOp::Range(r) = &resp.responses[1] else {
+        panic!("range expected")
+    };
     assert_eq!(r.kvs[0].value, b"w", "later ops see earlier writes");
-    let ResponseOp::Txn(n) = &resp.responses[2] else { panic!("txn expected") };
+    let ResponseOp::Txn(n) = &resp.responses[2] else {
+        panic!("txn expected")
+    };
     assert!(n.succeeded, "nested compare sees the pre-txn version 1");
     let n_kv = get(&s, "n", 0).expect("get").expect("present");
     assert_eq!(n_kv.mod_revision, 3, "one revision for the whole txn");
     // Missing key: VALUE compare false, CREATE == 0 true.
-    let absent = |target, result| Compare { result, target, key: "zz".into(), range_end: vec![] };
+    let absent = |target, result| Compare {
+        result,
+        target,
+        key: "zz".into(),
+        range_end: vec![],
+    };
     let t = TxnRequest {
         compare: vec![absent(CompareTarget::Value(vec![]), CompareResult::Equal)],
         ..Default::default()
     };
-    let WriteResponse::Txn(r) = apply(&s, WriteRequest::Txn(t)).expect("txn") else { panic!() };
+    let WriteResponse::Txn(r) = apply(&s, WriteRequest::Txn(t)).expect("txn") else {
+        panic!()
+    };
     assert!(!r.succeeded);
     assert_eq!(r.revision, 3, "read-only txn does not bump");
     let t = TxnRequest {
         compare: vec![absent(CompareTarget::Create(0), CompareResult::Equal)],
         ..Default::default()
     };
-    let WriteResponse::Txn(r) = apply(&s, WriteRequest::Txn(t)).expect("txn") else { panic!() };
+    let WriteResponse::Txn(r) = apply(&s, WriteRequest::Txn(t)).expect("txn") else {
+        panic!()
+    };
     assert!(r.succeeded);
 }
 
 #[test]
 fn txn_validation_rules() {
-    let p = |k: &str| RequestOp::Put(PutRequest { key: k.into(), ..Default::default() });
-    let d = |k: &str, e: &str| {
-        RequestOp::DeleteRange(DeleteRangeRequest { key: k.into(), range_end: e.into(), ..Default::default() })
+    let p = |k: &str| {
+        RequestOp::Put(PutRequest {
+            key: k.into(),
+            ..Default::default()
+        })
     };
-    let txn = |success| TxnRequest { success, ..Default::default() };
-    assert_eq!(validate_txn(&txn(vec![p("a"), p("a")]), 128), Err(Error::DuplicateKey));
-    assert_eq!(validate_txn(&txn(vec![p("b"), d("a", "c")]), 128), Err(Error::DuplicateKey));
-    assert_eq!(validate_txn(&txn(vec![d("a", "c"), d("b", "d")]), 128), Ok(()));
-    let nested = TxnRequest { success: vec![p("x")], failure: vec![p("x")], ..Default::default() };
-    assert_eq!(validate_txn(&txn(vec![RequestOp::Txn(nested.clone())]), 128), Ok(()));
-    assert_eq!(validate_txn(&txn(vec![p("x"), RequestOp::Txn(nested)]), 128), Err(Error::DuplicateKey));
-    assert_eq!(validate_txn(&txn((0..129).map(|i| p(&i.to_string())).collect()), 128), Err(Error::TooManyTxnOps));
+    let d = |k: &str, e: &str| {
+        RequestOp::DeleteRange(DeleteRangeRequest {
+            key: k.into(),
+            range_end: e.into(),
+            ..Default::default()
+        })
+    };
+    let txn = |success| TxnRequest {
+        success,
+        ..Default::default()
+    };
+    assert_eq!(
+        validate_txn(&txn(vec![p("a"), p("a")]), 128),
+        Err(Error::DuplicateKey)
+    );
+    assert_eq!(
+        validate_txn(&txn(vec![p("b"), d("a", "c")]), 128),
+        Err(Error::DuplicateKey)
+    );
+    assert_eq!(
+        validate_txn(&txn(vec![d("a", "c"), d("b", "d")]), 128),
+        Ok(())
+    );
+    let nested = TxnRequest {
+        success: vec![p("x")],
+        failure: vec![p("x")],
+        ..Default::default()
+    };
+    assert_eq!(
+        validate_txn(&txn(vec![RequestOp::Txn(nested.clone())]), 128),
+        Ok(())
+    );
+    assert_eq!(
+        validate_txn(&txn(vec![p("x"), RequestOp::Txn(nested)]), 128),
+        Err(Error::DuplicateKey)
+    );
+    assert_eq!(
+        validate_txn(&txn((0..129).map(|i| p(&i.to_string())).collect()), 128),
+        Err(Error::TooManyTxnOps)
+    );
     assert_eq!(validate_txn(&txn(vec![p("")]), 128), Err(Error::EmptyKey));
 }
 
@@ -171,14 +298,26 @@ fn compaction_keeps_newest_at_or_below_and_survives_restart() {
             put(&s, "a", &i.to_string()); // revs 2..=6
         }
         put(&s, "b", "x"); // 7
-        apply(&s, WriteRequest::DeleteRange(DeleteRangeRequest { key: "b".into(), ..Default::default() }))
-            .expect("delete"); // 8
+        apply(
+            &s,
+            WriteRequest::DeleteRange(DeleteRangeRequest {
+                key: "b".into(),
+                ..Default::default()
+            }),
+        )
+        .expect("delete"); // 8
         put(&s, "c", "y"); // 9
-        assert!(matches!(apply(&s, WriteRequest::Compact { revision: 10 }), Err(Error::FutureRevision)));
+        assert!(matches!(
+            apply(&s, WriteRequest::Compact { revision: 10 }),
+            Err(Error::FutureRevision)
+        ));
         apply(&s, WriteRequest::Compact { revision: 9 }).expect("compact");
         assert_eq!(get(&s, "a", 8), Err(Error::Compacted));
         assert_eq!(get(&s, "a", 9).expect("get").expect("a").value, b"4");
-        assert!(matches!(apply(&s, WriteRequest::Compact { revision: 9 }), Err(Error::Compacted)));
+        assert!(matches!(
+            apply(&s, WriteRequest::Compact { revision: 9 }),
+            Err(Error::Compacted)
+        ));
     }
     let s = open(&dir);
     assert_eq!(s.current_revision().expect("rev"), 9);
@@ -197,27 +336,48 @@ fn leases_attach_revoke_and_recover() {
     {
         let s = open(&dir);
         apply(&s, WriteRequest::LeaseGrant { id: 7, ttl: 30 }).expect("grant");
-        assert_eq!(apply(&s, WriteRequest::LeaseGrant { id: 7, ttl: 30 }), Err(Error::LeaseExists));
-        let leased = |k: &str, lease| PutRequest { key: k.into(), value: "v".into(), lease, ..Default::default() };
-        assert_eq!(apply(&s, WriteRequest::Put(leased("x", 8))), Err(Error::LeaseNotFound));
+        assert_eq!(
+            apply(&s, WriteRequest::LeaseGrant { id: 7, ttl: 30 }),
+            Err(Error::LeaseExists)
+        );
+        let leased = |k: &str, lease| PutRequest {
+            key: k.into(),
+            value: "v".into(),
+            lease,
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(&s, WriteRequest::Put(leased("x", 8))),
+            Err(Error::LeaseNotFound)
+        );
         apply(&s, WriteRequest::Put(leased("x", 7))).expect("put");
         apply(&s, WriteRequest::Put(leased("y", 7))).expect("put");
         apply(&s, WriteRequest::Put(leased("y", 0))).expect("detach");
         assert_eq!(s.lease_keys(7), vec![b"x".to_vec()]);
     }
     let s = open(&dir);
-    assert_eq!(s.lease_keys(7), vec![b"x".to_vec()], "attachments survive restart");
+    assert_eq!(
+        s.lease_keys(7),
+        vec![b"x".to_vec()],
+        "attachments survive restart"
+    );
     let before = s.current_revision().expect("rev");
     apply(&s, WriteRequest::LeaseRevoke { id: 7 }).expect("revoke");
     assert_eq!(s.current_revision().expect("rev"), before + 1);
     assert_eq!(get(&s, "x", 0).expect("get"), None);
     assert!(get(&s, "y", 0).expect("get").is_some());
-    assert_eq!(apply(&s, WriteRequest::LeaseRevoke { id: 7 }), Err(Error::LeaseNotFound));
+    assert_eq!(
+        apply(&s, WriteRequest::LeaseRevoke { id: 7 }),
+        Err(Error::LeaseNotFound)
+    );
 }
 
 #[test]
 fn hash_kv_is_equal_for_equal_histories() {
-    let (d1, d2) = (tempfile::tempdir().expect("t"), tempfile::tempdir().expect("t"));
+    let (d1, d2) = (
+        tempfile::tempdir().expect("t"),
+        tempfile::tempdir().expect("t"),
+    );
     let (a, b) = (open(&d1), open(&d2));
     for s in [&a, &b] {
         put(s, "k", "1");
@@ -244,14 +404,17 @@ impl Model {
         let mut m = self.latest();
         let rev = self.revs.len() as i64 + 1;
         let prev = m.get(&k).cloned();
-        m.insert(k.clone(), KeyValue {
-            key: k,
-            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-            mod_revision: rev,
-            version: prev.map_or(0, |p| p.version) + 1,
-            value: v,
-            lease: 0,
-        });
+        m.insert(
+            k.clone(),
+            KeyValue {
+                key: k,
+                create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                mod_revision: rev,
+                version: prev.map_or(0, |p| p.version) + 1,
+                value: v,
+                lease: 0,
+            },
+        );
         self.revs.push(m);
     }
     fn delete(&mut self, r: &KeyRange) {

@@ -27,7 +27,11 @@ pub fn members(node: &Node) -> Vec<pb::Member> {
                 id,
                 name: name.clone(),
                 peer_ur_ls: urls.clone(),
-                client_ur_ls: if me { node.config.advertise_client_urls.clone() } else { Vec::new() },
+                client_ur_ls: if me {
+                    node.config.advertise_client_urls.clone()
+                } else {
+                    Vec::new()
+                },
                 is_learner: false,
             }
         })

@@ -27,7 +27,11 @@ pub fn event_to_pb(e: st::Event, prev_kv: bool) -> mvccpb::Event {
             st::EventType::Delete => mvccpb::event::EventType::Delete as i32,
         },
         kv: Some(kv_to_pb(e.kv)),
-        prev_kv: if prev_kv { e.prev_kv.map(kv_to_pb) } else { None },
+        prev_kv: if prev_kv {
+            e.prev_kv.map(kv_to_pb)
+        } else {
+            None
+        },
     }
 }
 
@@ -84,7 +88,11 @@ pub fn delete_from_pb(d: pb::DeleteRangeRequest) -> Result<st::DeleteRangeReques
     if d.key.is_empty() {
         return Err(st::Error::EmptyKey.into());
     }
-    Ok(st::DeleteRangeRequest { key: d.key, range_end: d.range_end, prev_kv: d.prev_kv })
+    Ok(st::DeleteRangeRequest {
+        key: d.key,
+        range_end: d.range_end,
+        prev_kv: d.prev_kv,
+    })
 }
 
 fn compare_from_pb(c: pb::Compare) -> Result<st::Compare> {
@@ -112,7 +120,12 @@ fn compare_from_pb(c: pb::Compare) -> Result<st::Compare> {
         }),
         Err(_) => return Err(Error::Internal("invalid compare target".into())),
     };
-    Ok(st::Compare { result, target, key: c.key, range_end: c.range_end })
+    Ok(st::Compare {
+        result,
+        target,
+        key: c.key,
+        range_end: c.range_end,
+    })
 }
 
 /// Txn request → store (recursively). Empty ops are `key not found`, as in etcd.
@@ -120,18 +133,28 @@ pub fn txn_from_pb(t: pb::TxnRequest) -> Result<st::TxnRequest> {
     let ops = |ops: Vec<pb::RequestOp>| -> Result<Vec<st::RequestOp>> {
         ops.into_iter()
             .map(|op| match op.request {
-                Some(pb::request_op::Request::RequestRange(r)) => Ok(st::RequestOp::Range(range_from_pb(r)?)),
-                Some(pb::request_op::Request::RequestPut(p)) => Ok(st::RequestOp::Put(put_from_pb(p))),
+                Some(pb::request_op::Request::RequestRange(r)) => {
+                    Ok(st::RequestOp::Range(range_from_pb(r)?))
+                }
+                Some(pb::request_op::Request::RequestPut(p)) => {
+                    Ok(st::RequestOp::Put(put_from_pb(p)))
+                }
                 Some(pb::request_op::Request::RequestDeleteRange(d)) => {
                     Ok(st::RequestOp::DeleteRange(delete_from_pb(d)?))
                 }
-                Some(pb::request_op::Request::RequestTxn(t)) => Ok(st::RequestOp::Txn(txn_from_pb(t)?)),
+                Some(pb::request_op::Request::RequestTxn(t)) => {
+                    Ok(st::RequestOp::Txn(txn_from_pb(t)?))
+                }
                 None => Err(st::Error::KeyNotFound.into()),
             })
             .collect()
     };
     Ok(st::TxnRequest {
-        compare: t.compare.into_iter().map(compare_from_pb).collect::<Result<_>>()?,
+        compare: t
+            .compare
+            .into_iter()
+            .map(compare_from_pb)
+            .collect::<Result<_>>()?,
         success: ops(t.success)?,
         failure: ops(t.failure)?,
     })
@@ -139,7 +162,10 @@ pub fn txn_from_pb(t: pb::TxnRequest) -> Result<st::TxnRequest> {
 
 /// A header carrying only a revision (responses nested in a txn).
 fn rev_header(revision: i64) -> Option<pb::ResponseHeader> {
-    Some(pb::ResponseHeader { revision, ..Default::default() })
+    Some(pb::ResponseHeader {
+        revision,
+        ..Default::default()
+    })
 }
 
 /// Range response → protobuf, with `header`.
@@ -154,11 +180,17 @@ pub fn range_to_pb(r: st::RangeResponse, header: Option<pb::ResponseHeader>) -> 
 
 /// Put response → protobuf.
 pub fn put_to_pb(r: st::PutResponse, header: Option<pb::ResponseHeader>) -> pb::PutResponse {
-    pb::PutResponse { header, prev_kv: r.prev_kv.map(kv_to_pb) }
+    pb::PutResponse {
+        header,
+        prev_kv: r.prev_kv.map(kv_to_pb),
+    }
 }
 
 /// Delete response → protobuf.
-pub fn delete_to_pb(r: st::DeleteRangeResponse, header: Option<pb::ResponseHeader>) -> pb::DeleteRangeResponse {
+pub fn delete_to_pb(
+    r: st::DeleteRangeResponse,
+    header: Option<pb::ResponseHeader>,
+) -> pb::DeleteRangeResponse {
     pb::DeleteRangeResponse {
         header,
         deleted: r.deleted,
@@ -193,7 +225,11 @@ pub fn txn_to_pb(r: st::TxnResponse, header: Option<pb::ResponseHeader>) -> pb::
             }),
         })
         .collect();
-    pb::TxnResponse { header, succeeded: r.succeeded, responses }
+    pb::TxnResponse {
+        header,
+        succeeded: r.succeeded,
+        responses,
+    }
 }
 
 /// Whether a txn writes anything (on either branch, recursively).
@@ -207,9 +243,12 @@ pub fn txn_writes(t: &st::TxnRequest) -> bool {
 
 /// Whether every range in a read-only txn is serializable.
 pub fn txn_serializable(t: &pb::TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(pb::request_op::Request::RequestRange(r)) => r.serializable,
-        Some(pb::request_op::Request::RequestTxn(n)) => txn_serializable(n),
-        _ => true,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(pb::request_op::Request::RequestRange(r)) => r.serializable,
+            Some(pb::request_op::Request::RequestTxn(n)) => txn_serializable(n),
+            _ => true,
+        })
 }

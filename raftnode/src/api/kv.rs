@@ -30,7 +30,10 @@ fn check_size(node: &Node, len: usize) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
         let req = req.into_inner();
         let serializable = req.serializable;
         let r = range_from_pb(req)?;
@@ -55,14 +58,20 @@ impl Kv for KvService {
         check_size(&self.node, req.encoded_len())?;
         let p = put_from_pb(req);
         st::validate_put(&p).map_err(store_err)?;
-        admit(&self.node, st::limits::QUOTA_PUT_OVERHEAD_BYTES + (p.key.len() + p.value.len()) as u64).await?;
+        admit(
+            &self.node,
+            st::limits::QUOTA_PUT_OVERHEAD_BYTES + (p.key.len() + p.value.len()) as u64,
+        )
+        .await?;
         metrics::counter!("etcd_mvcc_put_total").increment(1);
         match self.node.propose(st::WriteRequest::Put(p)).await? {
             st::WriteResponse::Put(r) => {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(put_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -80,7 +89,9 @@ impl Kv for KvService {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(delete_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -99,14 +110,18 @@ impl Kv for KvService {
                 self.node.read_barrier().await?;
             }
             let req = st::WriteRequest::Txn(t);
-            self.node.blocking(|s| s.apply(&req, st::ApplyContext::default())).map_err(store_err)?
+            self.node
+                .blocking(|s| s.apply(&req, st::ApplyContext::default()))
+                .map_err(store_err)?
         };
         match resp {
             st::WriteResponse::Txn(r) => {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(txn_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -115,11 +130,17 @@ impl Kv for KvService {
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         let revision = req.into_inner().revision;
-        match self.node.propose(st::WriteRequest::Compact { revision }).await? {
-            st::WriteResponse::Compact { revision } => {
-                Ok(Response::new(pb::CompactionResponse { header: header(&self.node, revision) }))
-            }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        match self
+            .node
+            .propose(st::WriteRequest::Compact { revision })
+            .await?
+        {
+            st::WriteResponse::Compact { revision } => Ok(Response::new(pb::CompactionResponse {
+                header: header(&self.node, revision),
+            })),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 }

@@ -44,17 +44,29 @@ impl Lease for LeaseService {
         if req.ttl > st::limits::LEASE_TTL_MAX_SECONDS {
             return Err(super::status::store_err(st::Error::LeaseTtlTooLarge));
         }
-        let id = if req.id == 0 { rand::random::<i64>() & i64::MAX } else { req.id };
+        let id = if req.id == 0 {
+            rand::random::<i64>() & i64::MAX
+        } else {
+            req.id
+        };
         let ttl = req.ttl.max(self.node.min_lease_ttl());
         admit(&self.node, st::limits::QUOTA_LEASE_GRANT_BYTES).await?;
-        match self.node.propose(st::WriteRequest::LeaseGrant { id, ttl }).await? {
-            st::WriteResponse::LeaseGrant { id, ttl, revision } => Ok(Response::new(pb::LeaseGrantResponse {
-                header: header(&self.node, revision),
-                id,
-                ttl,
-                error: String::new(),
-            })),
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        match self
+            .node
+            .propose(st::WriteRequest::LeaseGrant { id, ttl })
+            .await?
+        {
+            st::WriteResponse::LeaseGrant { id, ttl, revision } => {
+                Ok(Response::new(pb::LeaseGrantResponse {
+                    header: header(&self.node, revision),
+                    id,
+                    ttl,
+                    error: String::new(),
+                }))
+            }
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -64,11 +76,17 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let id = req.into_inner().id;
         admit(&self.node, 0).await?;
-        match self.node.propose(st::WriteRequest::LeaseRevoke { id }).await? {
-            st::WriteResponse::Lease { revision } => {
-                Ok(Response::new(pb::LeaseRevokeResponse { header: header(&self.node, revision) }))
-            }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        match self
+            .node
+            .propose(st::WriteRequest::LeaseRevoke { id })
+            .await?
+        {
+            st::WriteResponse::Lease { revision } => Ok(Response::new(pb::LeaseRevokeResponse {
+                header: header(&self.node, revision),
+            })),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -109,14 +127,32 @@ impl Lease for LeaseService {
         let now = self.node.clock.now_ms();
         let found = self.node.store.with_lessor(|l| {
             let lease = l.get(req.id)?;
-            let keys = if req.keys { lease.keys.iter().cloned().collect() } else { Vec::new() };
-            Some((l.remaining_seconds(req.id, now).unwrap_or(0), lease.ttl, keys))
+            let keys = if req.keys {
+                lease.keys.iter().cloned().collect()
+            } else {
+                Vec::new()
+            };
+            Some((
+                l.remaining_seconds(req.id, now).unwrap_or(0),
+                lease.ttl,
+                keys,
+            ))
         });
         let resp = match found {
-            Some((ttl, granted_ttl, keys)) => {
-                pb::LeaseTimeToLiveResponse { header: h, id: req.id, ttl, granted_ttl, keys }
-            }
-            None => pb::LeaseTimeToLiveResponse { header: h, id: req.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+            Some((ttl, granted_ttl, keys)) => pb::LeaseTimeToLiveResponse {
+                header: h,
+                id: req.id,
+                ttl,
+                granted_ttl,
+                keys,
+            },
+            None => pb::LeaseTimeToLiveResponse {
+                header: h,
+                id: req.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: vec![],
+            },
         };
         Ok(Response::new(resp))
     }

@@ -17,6 +17,8 @@ use crate::node::{ETCD_COMPAT_VERSION, Node};
 
 /// Bytes per Snapshot message, as etcd (32 KiB).
 const SNAPSHOT_CHUNK_BYTES: usize = 32 * 1024;
+/// Snapshot bodies are padded to a multiple of this (etcd clients check bbolt page alignment).
+const SNAPSHOT_ALIGN_BYTES: u64 = 512;
 /// Snapshot messages buffered before the stream waits for the client.
 const SNAPSHOT_QUEUE_MAX: usize = 8;
 
@@ -46,7 +48,10 @@ fn alarm_text(a: &st::AlarmMember) -> String {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        req: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
         use pb::alarm_request::AlarmAction;
         let req = req.into_inner();
         let kind = match pb::AlarmType::try_from(req.alarm) {
@@ -61,13 +66,24 @@ impl Maintenance for MaintenanceService {
         };
         let alarms = match (activate, kind) {
             (Some(activate), Some(alarm)) => {
-                let alarm = st::AlarmMember { member_id: req.member_id, alarm };
-                match self.node.propose(st::WriteRequest::Alarm { activate, alarm }).await? {
+                let alarm = st::AlarmMember {
+                    member_id: req.member_id,
+                    alarm,
+                };
+                match self
+                    .node
+                    .propose(st::WriteRequest::Alarm { activate, alarm })
+                    .await?
+                {
                     st::WriteResponse::Alarm { alarms, .. } if activate => {
                         alarms.into_iter().filter(|a| *a == alarm).collect()
                     }
                     st::WriteResponse::Alarm { .. } => vec![alarm],
-                    other => return Err(Status::internal(format!("unexpected apply result {other:?}"))),
+                    other => {
+                        return Err(Status::internal(format!(
+                            "unexpected apply result {other:?}"
+                        )));
+                    }
                 }
             }
             (Some(_), None) => Vec::new(),
@@ -86,7 +102,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.node;
         let (committed, applied) = node.raft_indexes();
         let mut errors: Vec<String> = node.store.alarms().iter().map(alarm_text).collect();
@@ -120,17 +139,31 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(store_err)?;
-        Ok(Response::new(pb::DefragmentResponse { header: current_header(&self.node) }))
+        Ok(Response::new(pb::DefragmentResponse {
+            header: current_header(&self.node),
+        }))
     }
 
-    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(
+        &self,
+        _req: Request<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
         let (hash, _, rev) = self.node.blocking(|s| s.hash_kv(0)).map_err(store_err)?;
-        Ok(Response::new(pb::HashResponse { header: header(&self.node, rev), hash }))
+        Ok(Response::new(pb::HashResponse {
+            header: header(&self.node, rev),
+            hash,
+        }))
     }
 
-    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        req: Request<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
         let revision = req.into_inner().revision;
-        let (hash, compact_revision, hash_revision) = self.node.blocking(|s| s.hash_kv(revision)).map_err(store_err)?;
+        let (hash, compact_revision, hash_revision) = self
+            .node
+            .blocking(|s| s.hash_kv(revision))
+            .map_err(store_err)?;
         Ok(Response::new(pb::HashKvResponse {
             header: current_header(&self.node),
             hash,
@@ -144,14 +177,33 @@ impl Maintenance for MaintenanceService {
         _req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<BoxStream<pb::SnapshotResponse>>, Status> {
         let node = self.node.clone();
-        let path = node.config.data_dir.join("snap").join(format!("export-{:x}.tmp", rand::random::<u64>()));
+        let path = node
+            .config
+            .data_dir
+            .join("snap")
+            .join(format!("export-{:x}.tmp", rand::random::<u64>()));
         let (store, export_path) = (node.store.clone(), path.clone());
         let size = tokio::task::spawn_blocking(move || -> Result<u64, Status> {
-            let f = std::fs::File::create(&export_path).map_err(|e| Status::internal(e.to_string()))?;
+            let f =
+                std::fs::File::create(&export_path).map_err(|e| Status::internal(e.to_string()))?;
             let mut out = std::io::BufWriter::new(f);
             store.export(&mut out, &[]).map_err(store_err)?;
+            // etcd clients expect a page-aligned body (bbolt files are); the export ends with an
+            // END marker, so zero padding after it is ignored on import.
+            let len = out
+                .get_ref()
+                .metadata()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .len()
+                + out.buffer().len() as u64;
+            let pad = (SNAPSHOT_ALIGN_BYTES - len % SNAPSHOT_ALIGN_BYTES) % SNAPSHOT_ALIGN_BYTES;
+            std::io::Write::write_all(&mut out, &vec![0u8; pad as usize])
+                .map_err(|e| Status::internal(e.to_string()))?;
+            std::io::Write::flush(&mut out).map_err(|e| Status::internal(e.to_string()))?;
             drop(out);
-            Ok(std::fs::metadata(&export_path).map_err(|e| Status::internal(e.to_string()))?.len())
+            Ok(std::fs::metadata(&export_path)
+                .map_err(|e| Status::internal(e.to_string()))?
+                .len())
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
@@ -193,7 +245,9 @@ impl Maintenance for MaintenanceService {
             }
             let _ = std::fs::remove_file(&path);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn move_leader(
@@ -207,6 +261,8 @@ impl Maintenance for MaintenanceService {
         if req.into_inner().target_id != self.node.member_id {
             return Err(Error::BadLeaderTransferee.into());
         }
-        Ok(Response::new(pb::MoveLeaderResponse { header: current_header(&self.node) }))
+        Ok(Response::new(pb::MoveLeaderResponse {
+            header: current_header(&self.node),
+        }))
     }
 }

@@ -45,11 +45,22 @@ pub fn current_header(node: &Node) -> Option<pb::ResponseHeader> {
 pub async fn admit(node: &Node, cost: u64) -> Result<()> {
     match node.store.check_write_admission(cost) {
         Err(st::Error::NoSpace) => {
-            let raised = node.store.alarms().iter().any(|a| a.alarm == st::AlarmType::NoSpace);
+            let raised = node
+                .store
+                .alarms()
+                .iter()
+                .any(|a| a.alarm == st::AlarmType::NoSpace);
             if !raised {
-                let alarm = st::AlarmMember { member_id: node.member_id, alarm: st::AlarmType::NoSpace };
+                let alarm = st::AlarmMember {
+                    member_id: node.member_id,
+                    alarm: st::AlarmType::NoSpace,
+                };
                 tracing::warn!("backend quota exceeded; raising NOSPACE");
-                node.propose(st::WriteRequest::Alarm { activate: true, alarm }).await?;
+                node.propose(st::WriteRequest::Alarm {
+                    activate: true,
+                    alarm,
+                })
+                .await?;
             }
             Err(Error::Store(st::Error::NoSpace))
         }
@@ -61,20 +72,32 @@ pub async fn admit(node: &Node, cost: u64) -> Result<()> {
 pub fn router(node: Arc<Node>) -> axum::Router {
     use keyhold_proto::etcdserverpb::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-        lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+        lease_server::LeaseServer, maintenance_server::MaintenanceServer,
+        watch_server::WatchServer,
     };
     let max = node.config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     drop(health_reporter);
     tonic::service::Routes::new(health)
-        .add_service(KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max))
-        .add_service(WatchServer::new(watch::WatchService { node: node.clone() }).max_decoding_message_size(max))
-        .add_service(LeaseServer::new(lease::LeaseService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(
+            KvServer::new(kv::KvService { node: node.clone() }).max_decoding_message_size(max),
+        )
+        .add_service(
+            WatchServer::new(watch::WatchService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            LeaseServer::new(lease::LeaseService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
         .add_service(
             MaintenanceServer::new(maintenance::MaintenanceService { node: node.clone() })
                 .max_decoding_message_size(max),
         )
-        .add_service(ClusterServer::new(cluster::ClusterService { node: node.clone() }).max_decoding_message_size(max))
+        .add_service(
+            ClusterServer::new(cluster::ClusterService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
         .add_service(AuthServer::new(auth::AuthService { node }).max_decoding_message_size(max))
         .into_axum_router()
 }

@@ -10,8 +10,14 @@ use crate::error::Error;
 fn store_status(e: &StoreError) -> (Code, &'static str) {
     use StoreError::*;
     match e {
-        Compacted => (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
-        FutureRevision => (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+        Compacted => (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        ),
+        FutureRevision => (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision",
+        ),
         LeaseNotFound => (Code::NotFound, "etcdserver: requested lease not found"),
         LeaseExists => (Code::FailedPrecondition, "etcdserver: lease already exists"),
         LeaseTtlTooLarge => (Code::OutOfRange, "etcdserver: too large lease TTL"),
@@ -19,9 +25,18 @@ fn store_status(e: &StoreError) -> (Code, &'static str) {
         EmptyKey => (Code::InvalidArgument, "etcdserver: key is not provided"),
         ValueProvided => (Code::InvalidArgument, "etcdserver: value is provided"),
         LeaseProvided => (Code::InvalidArgument, "etcdserver: lease is provided"),
-        TooManyTxnOps => (Code::InvalidArgument, "etcdserver: too many operations in txn request"),
-        DuplicateKey => (Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
-        NoSpace => (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
+        TooManyTxnOps => (
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        ),
+        DuplicateKey => (
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request",
+        ),
+        NoSpace => (
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        ),
         Corrupt => (Code::DataLoss, "etcdserver: corrupt cluster"),
         InvalidSortOption => (Code::InvalidArgument, "etcdserver: invalid sort option"),
         Storage(_) => (Code::Unknown, "etcdserver: storage failure"),
@@ -40,7 +55,10 @@ impl From<Error> for Status {
             Error::TooManyRequests => (Code::ResourceExhausted, "etcdserver: too many requests"),
             Error::RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
             Error::NotLeader => (Code::FailedPrecondition, "etcdserver: not leader"),
-            Error::BadLeaderTransferee => (Code::FailedPrecondition, "etcdserver: bad leader transferee"),
+            Error::BadLeaderTransferee => (
+                Code::FailedPrecondition,
+                "etcdserver: bad leader transferee",
+            ),
             Error::Internal(m) => return Status::new(Code::Unknown, m.clone()),
         };
         Status::new(code, message)
@@ -64,10 +82,22 @@ mod tests {
     #[test]
     fn messages_are_etcds() {
         let s = store_err(StoreError::Compacted);
-        assert_eq!((s.code(), s.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted"
+            )
+        );
         let s = Status::from(Error::NoLeader);
-        assert_eq!((s.code(), s.message()), (Code::Unavailable, "etcdserver: no leader"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "etcdserver: no leader")
+        );
         let s = store_err(StoreError::DuplicateKey);
-        assert_eq!(s.message(), "etcdserver: duplicate key given in txn request");
+        assert_eq!(
+            s.message(),
+            "etcdserver: duplicate key given in txn request"
+        );
     }
 }

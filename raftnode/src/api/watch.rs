@@ -48,8 +48,15 @@ pub struct WatchService {
 }
 
 enum Delivery {
-    Events { watcher: WatcherId, revision: i64, events: Vec<st::Event> },
-    Progress { watch_id: i64, revision: i64 },
+    Events {
+        watcher: WatcherId,
+        revision: i64,
+        events: Vec<st::Event>,
+    },
+    Progress {
+        watch_id: i64,
+        revision: i64,
+    },
 }
 
 struct StreamSink {
@@ -59,7 +66,11 @@ struct StreamSink {
 
 impl WatchSink for StreamSink {
     fn offer(&self, watcher: WatcherId, revision: i64, events: Vec<st::Event>) -> bool {
-        match self.tx.try_send(Delivery::Events { watcher, revision, events }) {
+        match self.tx.try_send(Delivery::Events {
+            watcher,
+            revision,
+            events,
+        }) {
             Ok(()) => true,
             Err(_) => {
                 self.wake.notify_one();
@@ -109,14 +120,19 @@ impl Watch for WatchService {
         let task = StreamTask {
             node: self.node.clone(),
             out,
-            sink: Arc::new(StreamSink { tx, wake: wake.clone() }),
+            sink: Arc::new(StreamSink {
+                tx,
+                wake: wake.clone(),
+            }),
             rx,
             watchers: BTreeMap::new(),
             by_hub: HashMap::new(),
             next_auto_id: 0,
         };
         tokio::spawn(task.run(input, wake));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
     }
 }
 
@@ -175,7 +191,9 @@ impl StreamTask {
         match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(RequestUnion::CancelRequest(c)) => {
-                let Some(w) = self.watchers.remove(&c.watch_id) else { return Ok(()) };
+                let Some(w) = self.watchers.remove(&c.watch_id) else {
+                    return Ok(());
+                };
                 self.node.store.hub().cancel(w.hub_id);
                 self.by_hub.remove(&w.hub_id);
                 self.send(pb::WatchResponse {
@@ -192,7 +210,10 @@ impl StreamTask {
                     let revision = hub.last_notified();
                     // Queued behind every event already delivered; dropped (as etcd does when a
                     // watcher is unsynced) if the queue is full.
-                    let _ = self.sink.tx.try_send(Delivery::Progress { watch_id: -1, revision });
+                    let _ = self.sink.tx.try_send(Delivery::Progress {
+                        watch_id: -1,
+                        revision,
+                    });
                 }
                 Ok(())
             }
@@ -205,17 +226,25 @@ impl StreamTask {
         let key = if c.key.is_empty() { vec![0] } else { c.key };
         let range = KeyRange::new(&key, &c.range_end);
         if c.start_revision < 0 {
-            return self.create_failed(cancel_reason(&st::Error::Compacted)).await;
+            return self
+                .create_failed(cancel_reason(&st::Error::Compacted))
+                .await;
         }
         if range.is_empty() {
-            return self.create_failed("mvcc: watcher range is empty".into()).await;
+            return self
+                .create_failed("mvcc: watcher range is empty".into())
+                .await;
         }
         if self.watchers.len() >= WATCHERS_PER_STREAM_MAX {
-            return self.create_failed("etcdserver: too many requests".into()).await;
+            return self
+                .create_failed("etcdserver: too many requests".into())
+                .await;
         }
         let watch_id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
-                return self.create_failed("mvcc: duplicate watch ID provided on the WatchStream".into()).await;
+                return self
+                    .create_failed("mvcc: duplicate watch ID provided on the WatchStream".into())
+                    .await;
             }
             c.watch_id
         } else {
@@ -231,16 +260,19 @@ impl StreamTask {
             (id, hub.last_notified())
         };
         let filters = |f: FilterType| c.filters.contains(&(f as i32));
-        self.watchers.insert(watch_id, Watcher {
-            hub_id,
-            range,
-            prev_kv: c.prev_kv,
-            no_put: filters(FilterType::Noput),
-            no_delete: filters(FilterType::Nodelete),
-            progress_notify: c.progress_notify,
-            fragment: c.fragment,
-            sent_since_tick: false,
-        });
+        self.watchers.insert(
+            watch_id,
+            Watcher {
+                hub_id,
+                range,
+                prev_kv: c.prev_kv,
+                no_put: filters(FilterType::Noput),
+                no_delete: filters(FilterType::Nodelete),
+                progress_notify: c.progress_notify,
+                fragment: c.fragment,
+                sent_since_tick: false,
+            },
+        );
         self.by_hub.insert(hub_id, watch_id);
         self.send(pb::WatchResponse {
             header: header(&self.node, revision),
@@ -254,8 +286,14 @@ impl StreamTask {
 
     async fn deliver(&mut self, d: Delivery) -> Sent {
         match d {
-            Delivery::Events { watcher, revision, events } => {
-                let Some(&watch_id) = self.by_hub.get(&watcher) else { return Ok(()) };
+            Delivery::Events {
+                watcher,
+                revision,
+                events,
+            } => {
+                let Some(&watch_id) = self.by_hub.get(&watcher) else {
+                    return Ok(());
+                };
                 self.send_events(watch_id, revision, events).await
             }
             Delivery::Progress { watch_id, revision } => {
@@ -273,7 +311,9 @@ impl StreamTask {
     }
 
     async fn send_events(&mut self, watch_id: i64, revision: i64, events: Vec<st::Event>) -> Sent {
-        let Some(w) = self.watchers.get_mut(&watch_id) else { return Ok(()) };
+        let Some(w) = self.watchers.get_mut(&watch_id) else {
+            return Ok(());
+        };
         let events: Vec<_> = events
             .into_iter()
             .filter(|e| match e.kind {
@@ -287,7 +327,12 @@ impl StreamTask {
         }
         w.sent_since_tick = true;
         let fragment = w.fragment;
-        let resp = pb::WatchResponse { header: header(&self.node, revision), watch_id, events, ..Default::default() };
+        let resp = pb::WatchResponse {
+            header: header(&self.node, revision),
+            watch_id,
+            events,
+            ..Default::default()
+        };
         let limit = self.node.config.max_request_bytes + FRAGMENT_OVERHEAD_BYTES;
         if !fragment || resp.events.len() < 2 || resp.encoded_len() < limit {
             return self.send(resp).await;
@@ -299,7 +344,7 @@ impl StreamTask {
             let size = e.encoded_len() + 8;
             if !chunk.is_empty() && chunk_bytes + size > limit {
                 let part = pb::WatchResponse {
-                    header: resp.header.clone(),
+                    header: resp.header,
                     watch_id,
                     fragment: true,
                     events: std::mem::take(&mut chunk),
@@ -311,7 +356,12 @@ impl StreamTask {
             chunk_bytes += size;
             chunk.push(e);
             if i + 1 == total {
-                let last = pb::WatchResponse { header: resp.header.clone(), watch_id, events: std::mem::take(&mut chunk), ..Default::default() };
+                let last = pb::WatchResponse {
+                    header: resp.header,
+                    watch_id,
+                    events: std::mem::take(&mut chunk),
+                    ..Default::default()
+                };
                 self.send(last).await?;
             }
         }
@@ -326,7 +376,11 @@ impl StreamTask {
         }
         let behind: Vec<i64> = {
             let hub = self.node.store.hub();
-            self.watchers.iter().filter(|(_, w)| !hub.is_synced(w.hub_id)).map(|(id, _)| *id).collect()
+            self.watchers
+                .iter()
+                .filter(|(_, w)| !hub.is_synced(w.hub_id))
+                .map(|(id, _)| *id)
+                .collect()
         };
         for watch_id in behind {
             self.catch_up(watch_id).await?;
@@ -337,11 +391,15 @@ impl StreamTask {
     /// Replays history for one unsynced watcher until the hub accepts it as synced.
     async fn catch_up(&mut self, watch_id: i64) -> Sent {
         loop {
-            let Some(w) = self.watchers.get(&watch_id) else { return Ok(()) };
+            let Some(w) = self.watchers.get(&watch_id) else {
+                return Ok(());
+            };
             let (hub_id, range, prev_kv) = (w.hub_id, w.range.clone(), w.prev_kv);
             let (next, last) = {
                 let mut hub = self.node.store.hub();
-                let Some(next) = hub.next_revision(hub_id) else { return Ok(()) };
+                let Some(next) = hub.next_revision(hub_id) else {
+                    return Ok(());
+                };
                 if hub.is_synced(hub_id) {
                     return Ok(());
                 }
@@ -351,7 +409,10 @@ impl StreamTask {
                 }
                 (next, last)
             };
-            match self.node.blocking(|s| s.watch_events(&range, next, last, prev_kv)) {
+            match self
+                .node
+                .blocking(|s| s.watch_events(&range, next, last, prev_kv))
+            {
                 Err(st::Error::Compacted) => {
                     let compact_revision = self.node.store.compact_revision().unwrap_or(0);
                     self.node.store.hub().cancel(hub_id);
@@ -389,7 +450,10 @@ impl StreamTask {
         let revision = hub.last_notified();
         for (watch_id, w) in &mut self.watchers {
             if w.progress_notify && !w.sent_since_tick && hub.is_synced(w.hub_id) {
-                let _ = self.sink.tx.try_send(Delivery::Progress { watch_id: *watch_id, revision });
+                let _ = self.sink.tx.try_send(Delivery::Progress {
+                    watch_id: *watch_id,
+                    revision,
+                });
             }
             w.sent_since_tick = false;
         }

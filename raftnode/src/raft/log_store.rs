@@ -48,28 +48,41 @@ impl LogStore {
     /// # Errors
     /// fjall errors opening the keyspaces or spawning the thread.
     pub fn open(db: Database) -> io::Result<Self> {
-        let log = db.keyspace(KS_LOG, KeyspaceCreateOptions::default).map_err(io::Error::other)?;
-        let meta =
-            db.keyspace(KS_RAFT_META, KeyspaceCreateOptions::default).map_err(io::Error::other)?;
+        let log = db
+            .keyspace(KS_LOG, KeyspaceCreateOptions::default)
+            .map_err(io::Error::other)?;
+        let meta = db
+            .keyspace(KS_RAFT_META, KeyspaceCreateOptions::default)
+            .map_err(io::Error::other)?;
         let (flush_tx, flush_rx) = mpsc::sync_channel::<LogFlushed<TypeConfig>>(FLUSH_QUEUE_MAX);
         let flush_db = db.clone();
-        std::thread::Builder::new().name("raft-log-flusher".into()).spawn(move || {
-            while let Ok(first) = flush_rx.recv() {
-                let mut done = vec![first];
-                done.extend(flush_rx.try_iter());
-                if let Err(e) = flush_db.persist(PersistMode::SyncData) {
-                    tracing::error!(error = %e, "fsync of the raft log failed; stopping");
-                    std::process::exit(1);
+        std::thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || {
+                while let Ok(first) = flush_rx.recv() {
+                    let mut done = vec![first];
+                    done.extend(flush_rx.try_iter());
+                    if let Err(e) = flush_db.persist(PersistMode::SyncData) {
+                        tracing::error!(error = %e, "fsync of the raft log failed; stopping");
+                        std::process::exit(1);
+                    }
+                    for callback in done {
+                        callback.log_io_completed(Ok(()));
+                    }
                 }
-                for callback in done {
-                    callback.log_io_completed(Ok(()));
-                }
-            }
-        })?;
-        Ok(Self { db, log, meta, flush_tx })
+            })?;
+        Ok(Self {
+            db,
+            log,
+            meta,
+            flush_tx,
+        })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(read_err)? {
             None => Ok(None),
             Some(v) => postcard::from_bytes(&v).map(Some).map_err(read_err),
@@ -103,7 +116,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let (k, v) = item.into_inner().map_err(read_err)?;
             let entry: Entry<TypeConfig> = postcard::from_bytes(&v).map_err(read_err)?;
             // Pair check with the key written by `append`.
-            assert_eq!(k.as_ref(), entry.log_id.index.to_be_bytes(), "log key/index mismatch");
+            assert_eq!(
+                k.as_ref(),
+                entry.log_id.index.to_be_bytes(),
+                "log key/index mismatch"
+            );
             out.push(entry);
         }
         Ok(out)
@@ -123,7 +140,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -131,7 +151,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.meta.insert(KEY_VOTE, encode(vote)).map_err(write_err)?;
+        self.meta
+            .insert(KEY_VOTE, encode(vote))
+            .map_err(write_err)?;
         self.db.persist(PersistMode::SyncData).map_err(write_err)
     }
 
@@ -140,21 +162,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
-        self.meta.insert(KEY_COMMITTED, encode(&committed)).map_err(write_err)
+        self.meta
+            .insert(KEY_COMMITTED, encode(&committed))
+            .map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = self.db.batch();
         for entry in entries {
-            batch.insert(&self.log, entry.log_id.index.to_be_bytes().to_vec(), encode(&entry));
+            batch.insert(
+                &self.log,
+                entry.log_id.index.to_be_bytes().to_vec(),
+                encode(&entry),
+            );
         }
         batch.commit().map_err(write_err)?;
         self.flush_tx.send(callback).map_err(write_err)

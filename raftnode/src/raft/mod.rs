@@ -8,10 +8,13 @@
 //!                          StateMachine::apply ──► KvStore::apply (data + applied log id, one batch)
 //! ```
 
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes); boxing it here
+// would only add conversions at every trait boundary.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
-
 
 use keyhold_store::{Error as StoreError, WriteRequest, WriteResponse};
 use serde::{Deserialize, Serialize};
@@ -39,6 +42,10 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 /// Storage error of this type config.
 pub type StorageError = openraft::StorageError<u64>;
+
+/// Last applied log id and membership, as the state machine reports them.
+pub type AppliedState =
+    (Option<openraft::LogId<u64>>, openraft::StoredMembership<u64, openraft::BasicNode>);
 
 /// Meta key (in the store's meta keyspace) of the last applied log id.
 pub const META_APPLIED: &[u8] = b"raft/applied";

@@ -1,13 +1,13 @@
 //! Peer network. A single-member cluster never sends raft RPCs; every call to another member
 //! fails as unreachable until the QUIC peer plane lands (see README: compatibility).
 
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 
 use super::TypeConfig;
 

@@ -13,7 +13,7 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 
-use super::{Applied, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode};
+use super::{Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode};
 use crate::clock::{Clock, blocking};
 
 const SNAP_DATA: &str = "current.data";
@@ -43,13 +43,17 @@ impl StateMachine {
     /// When the snapshot directory cannot be created.
     pub fn new(store: Arc<KvStore>, snapshot_dir: PathBuf, clock: Clock) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
-        Ok(Self { store, dir: snapshot_dir, clock })
+        Ok(Self {
+            store,
+            dir: snapshot_dir,
+            clock,
+        })
     }
 
     fn decode_meta(
         applied: Option<Vec<u8>>,
         membership: Option<Vec<u8>>,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError> {
+    ) -> Result<AppliedState, StorageError> {
         let applied = match applied {
             Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b).map_err(sm_err)?,
             None => None,
@@ -68,33 +72,50 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             let tmp = dir.join("building.data");
             let mut out = io::BufWriter::new(std::fs::File::create(&tmp).map_err(snap_err)?);
-            let values = store.export(&mut out, &[META_APPLIED, META_MEMBERSHIP]).map_err(snap_err)?;
-            out.into_inner().map_err(snap_err)?.sync_all().map_err(snap_err)?;
+            let values = store
+                .export(&mut out, &[META_APPLIED, META_MEMBERSHIP])
+                .map_err(snap_err)?;
+            out.into_inner()
+                .map_err(snap_err)?
+                .sync_all()
+                .map_err(snap_err)?;
             let mut values = values.into_iter();
             let (applied, membership) =
                 Self::decode_meta(values.next().flatten(), values.next().flatten())?;
             let snapshot_id = match applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, store.current_revision().unwrap_or(0)),
+                Some(l) => format!(
+                    "{}-{}-{}",
+                    l.leader_id.term,
+                    l.index,
+                    store.current_revision().unwrap_or(0)
+                ),
                 None => "empty".to_string(),
             };
-            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
             std::fs::rename(&tmp, dir.join(SNAP_DATA)).map_err(snap_err)?;
             std::fs::write(dir.join(SNAP_META), encode(&meta)).map_err(snap_err)?;
             Ok(meta)
         })
         .await
         .map_err(snap_err)??;
-        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA)).await.map_err(snap_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(file) })
+        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA))
+            .await
+            .map_err(snap_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError> {
+    async fn applied_state(&mut self) -> Result<AppliedState, StorageError> {
         let applied = self.store.meta_get(META_APPLIED).map_err(sm_err)?;
         let membership = self.store.meta_get(META_MEMBERSHIP).map_err(sm_err)?;
         Self::decode_meta(applied, membership)
@@ -113,14 +134,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let applied = encode(&Some(entry.log_id));
                 match entry.payload {
                     EntryPayload::Blank => {
-                        store.meta_put(&[(META_APPLIED, &applied)]).map_err(sm_err)?;
+                        store
+                            .meta_put(&[(META_APPLIED, &applied)])
+                            .map_err(sm_err)?;
                         out.push(Applied::Nothing);
                     }
                     EntryPayload::Normal(req) => {
-                        let ctx = ApplyContext { now_ms, meta: &[(META_APPLIED, &applied)] };
+                        let ctx = ApplyContext {
+                            now_ms,
+                            meta: &[(META_APPLIED, &applied)],
+                        };
                         match store.apply(&req, ctx) {
                             Err(StoreError::Storage(e)) => {
-                                return Err(StorageIOError::apply(entry.log_id, &io::Error::other(e)).into());
+                                return Err(StorageIOError::apply(
+                                    entry.log_id,
+                                    &io::Error::other(e),
+                                )
+                                .into());
                             }
                             result => out.push(Applied::Write(result)),
                         }
@@ -144,7 +174,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let f = tokio::fs::File::create(self.dir.join(SNAP_INCOMING)).await.map_err(snap_err)?;
+        let f = tokio::fs::File::create(self.dir.join(SNAP_INCOMING))
+            .await
+            .map_err(snap_err)?;
         Ok(Box::new(f))
     }
 
@@ -169,9 +201,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let meta_path = self.dir.join(SNAP_META);
-        let Ok(bytes) = tokio::fs::read(&meta_path).await else { return Ok(None) };
+        let Ok(bytes) = tokio::fs::read(&meta_path).await else {
+            return Ok(None);
+        };
         let meta: SnapshotMeta<u64, BasicNode> = postcard::from_bytes(&bytes).map_err(snap_err)?;
-        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA)).await.map_err(snap_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
+        let file = tokio::fs::File::open(self.dir.join(SNAP_DATA))
+            .await
+            .map_err(snap_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
     }
 }

@@ -1,0 +1,265 @@
+//! Spawning and faulting `keyhold-node` processes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to answer `/health` after start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free TCP port on 127.0.0.1 (bound then released; the OS does not reuse it at once).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KEYHOLD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// One `keyhold-node` process with its own data dir and ports.
+pub struct NodeProcess {
+    child: Option<Child>,
+    /// Client address (gRPC + HTTP).
+    pub client: SocketAddr,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+    starts: u32,
+}
+
+impl NodeProcess {
+    /// Starts a single-member node and waits until it is healthy.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra flags.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = Self {
+            child: None,
+            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            peer_port: free_port(),
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        node.spawn();
+        node
+    }
+
+    /// `127.0.0.1:port`, as etcd clients take endpoints.
+    pub fn endpoint(&self) -> String {
+        self.client.to_string()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Path of the current process's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("node-{}.log", self.starts))
+    }
+
+    /// The node's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// OS process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(binary("keyhold-node"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen-client-urls", &format!("http://{}", self.client)])
+            .args([
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--listen-peer-urls",
+                &peer,
+            ])
+            .args(&self.extra_args)
+            .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keyhold-node");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until `/health` answers 200 (leader elected, linearizable read works).
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "keyhold-node exited during startup ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if let Ok((200, _)) = http_get(self.client, "/health") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node not healthy in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.pid();
+        assert!(pid > 0, "no process");
+        // SAFETY-free: libc::kill on our own child's PID.
+        let rc = unsafe_kill(pid, sig);
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited with status 0.
+    pub fn terminate(&mut self) -> bool {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().expect("running");
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Starts the process again on the same data dir and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// GET `path` on the client port over HTTP/1.1: `(status, body)`.
+    pub fn http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.client, path)
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = unsafe_kill(c.id() as i32, libc::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- keyhold-node log ({}) ----\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) has no memory-safety preconditions; the PID is our own child's.
+    unsafe { libc::kill(pid, sig) }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {raw:?}")))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Runs Debian's `etcdctl` (v3 API) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("etcdctl is installed (apt-get install etcd-client)")
+}
+
+/// Runs `etcdctl` with `input` on stdin (for `txn`).
+pub fn etcdctl_stdin(endpoint: &str, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("etcdctl output")
+}

@@ -1,0 +1,35 @@
+//! Integration tests of a single `keyhold-node` process, driven by third-party clients: the
+//! `etcd-client` crate and Debian's `etcdctl` 3.4. Each test starts its own node on ports chosen
+//! at run time. Expected answers are etcd's (codes, messages, revision rules).
+
+mod durability;
+mod errors;
+mod etcdctl;
+mod kv;
+mod lease;
+mod maintenance;
+mod txn;
+mod watch;
+
+use std::time::Duration;
+
+use etcd_client::Client;
+use keyhold_tests::NodeProcess;
+
+/// A connected `etcd-client` for `node`.
+pub(crate) async fn client(node: &NodeProcess) -> Client {
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(10));
+    Client::connect([node.endpoint()], Some(opts))
+        .await
+        .expect("connect")
+}
+
+/// The gRPC code and message of a failed call.
+pub(crate) fn status<T: std::fmt::Debug>(
+    r: Result<T, etcd_client::Error>,
+) -> (tonic::Code, String) {
+    match r {
+        Err(etcd_client::Error::GRpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected a gRPC status error, got {other:?}"),
+    }
+}
