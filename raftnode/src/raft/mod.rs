@@ -44,8 +44,10 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type StorageError = openraft::StorageError<u64>;
 
 /// Last applied log id and membership, as the state machine reports them.
-pub type AppliedState =
-    (Option<openraft::LogId<u64>>, openraft::StoredMembership<u64, openraft::BasicNode>);
+pub type AppliedState = (
+    Option<openraft::LogId<u64>>,
+    openraft::StoredMembership<u64, openraft::BasicNode>,
+);
 
 /// Meta key (in the store's meta keyspace) of the last applied log id.
 pub const META_APPLIED: &[u8] = b"raft/applied";

@@ -13,7 +13,9 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 
-use super::{Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode};
+use super::{
+    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode,
+};
 use crate::clock::{Clock, blocking};
 
 const SNAP_DATA: &str = "current.data";
