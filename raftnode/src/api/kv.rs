@@ -46,11 +46,39 @@ impl Kv for KvService {
         Ok(Response::new(range_to_pb(resp, h)))
     }
 
+    /// etcd 3.7's streamed range: pages read at the revision pinned by the first page, chunk
+    /// sizes doubling from 10 keys up to `--max-request-bytes`; header, `more` and `count` only
+    /// on the last message. Custom sorts and revision filters are `Unimplemented`, as in etcd.
     async fn range_stream(
         &self,
-        _req: Request<pb::RangeRequest>,
+        req: Request<pb::RangeRequest>,
     ) -> Result<Response<BoxStream<pb::RangeStreamResponse>>, Status> {
-        Err(Status::unimplemented("RangeStream is not implemented yet"))
+        let req = req.into_inner();
+        let serializable = req.serializable;
+        let r = range_from_pb(req)?;
+        let sorted = r.sort_target != st::SortTarget::Key || r.sort_order == st::SortOrder::Descend;
+        let filtered = r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        if sorted || filtered {
+            return Err(Status::unimplemented(
+                "RangeStream does not support sorting or revision filters",
+            ));
+        }
+        if !serializable {
+            self.node.read_barrier().await?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(RANGE_STREAM_QUEUE_MAX);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_range(&node, r, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
@@ -142,6 +170,71 @@ impl Kv for KvService {
                 "unexpected apply result {other:?}"
             ))),
         }
+    }
+}
+
+/// Messages buffered per RangeStream before it waits for the client.
+const RANGE_STREAM_QUEUE_MAX: usize = 4;
+/// Keys in the first RangeStream chunk; later chunks double while they stay under the byte limit.
+const RANGE_STREAM_FIRST_CHUNK_KEYS: i64 = 10;
+
+async fn stream_range(
+    node: &Node,
+    mut r: st::RangeRequest,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::RangeStreamResponse, Status>>,
+) -> Result<(), Status> {
+    let limit = r.limit;
+    let mut chunk = RANGE_STREAM_FIRST_CHUNK_KEYS;
+    let mut sent = 0i64;
+    let mut pinned: Option<(i64, i64)> = None; // (revision, count)
+    loop {
+        let want = if limit > 0 {
+            chunk.min(limit - sent)
+        } else {
+            chunk
+        };
+        let page = st::RangeRequest {
+            limit: want,
+            ..r.clone()
+        };
+        let resp = node.blocking(|s| s.range(&page)).map_err(store_err)?;
+        let (revision, count) = *pinned.get_or_insert((resp.revision, resp.count));
+        r.revision = revision;
+        let n = resp.kvs.len() as i64;
+        sent += n;
+        let last_key = resp.kvs.last().map(|kv| kv.key.clone());
+        let done = !resp.more || n == 0 || (limit > 0 && sent >= limit) || r.count_only;
+        let bytes: usize = resp
+            .kvs
+            .iter()
+            .map(|kv| kv.key.len() + kv.value.len())
+            .sum();
+        let mut msg = range_to_pb(resp, None);
+        if done {
+            msg.header = header(node, revision);
+            msg.count = count;
+            msg.more = limit > 0 && count > limit;
+        } else {
+            msg.count = 0;
+            msg.more = false;
+        }
+        if tx
+            .send(Ok(pb::RangeStreamResponse {
+                range_response: Some(msg),
+            }))
+            .await
+            .is_err()
+            || done
+        {
+            return Ok(());
+        }
+        if bytes * 2 < node.config.max_request_bytes {
+            chunk *= 2;
+        }
+        // Next page starts just after the last key sent.
+        let mut next = last_key.unwrap_or_default();
+        next.push(0);
+        r.key = next;
     }
 }
 

@@ -1,17 +1,22 @@
 //! The etcd v3 gRPC services, one file per service, all served on the client port together with
 //! gRPC health.
 //!
-//! - [`kv`], [`watch`], [`lease`], [`maintenance`], [`cluster`], [`auth`]: the services.
+//! - [`kv`], [`watch`], [`lease`], [`maintenance`], [`cluster`], [`auth`], [`lock`],
+//!   [`election`]: the services.
+//! - [`waiter`]: in-server watchers for RPCs that block on changes.
 //! - [`status`]: the single error → gRPC status table.
 //! - [`convert`]: protobuf ↔ store conversions.
 
 pub mod auth;
 pub mod cluster;
 pub mod convert;
+pub mod election;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod status;
+pub mod waiter;
 pub mod watch;
 
 use std::sync::Arc;
@@ -75,6 +80,8 @@ pub fn router(node: Arc<Node>) -> axum::Router {
         lease_server::LeaseServer, maintenance_server::MaintenanceServer,
         watch_server::WatchServer,
     };
+    use keyhold_proto::v3electionpb::election_server::ElectionServer;
+    use keyhold_proto::v3lockpb::lock_server::LockServer;
     let max = node.config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     drop(health_reporter);
@@ -98,6 +105,16 @@ pub fn router(node: Arc<Node>) -> axum::Router {
             ClusterServer::new(cluster::ClusterService { node: node.clone() })
                 .max_decoding_message_size(max),
         )
-        .add_service(AuthServer::new(auth::AuthService { node }).max_decoding_message_size(max))
+        .add_service(
+            AuthServer::new(auth::AuthService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            LockServer::new(lock::LockService { node: node.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            ElectionServer::new(election::ElectionService { node }).max_decoding_message_size(max),
+        )
         .into_axum_router()
 }

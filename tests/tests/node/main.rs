@@ -2,6 +2,7 @@
 //! `etcd-client` crate and Debian's `etcdctl` 3.4. Each test starts its own node on ports chosen
 //! at run time. Expected answers are etcd's (codes, messages, revision rules).
 
+mod coordination;
 mod durability;
 mod errors;
 mod etcdctl;
