@@ -94,6 +94,10 @@ pub struct Config {
         default_value = "10m"
     )]
     pub watch_progress_notify_interval: String,
+    /// Print the data dir's whole MVCC history as JSON lines and exit (offline checks; the
+    /// node must be stopped).
+    #[arg(long, hide = true)]
+    pub debug_dump_history: bool,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `keyhold_raftnode=debug`).
     #[arg(long, env = "KEYHOLD_LOG_LEVEL", default_value = "info,openraft=warn")]
     pub log_level: String,
@@ -132,6 +136,8 @@ pub struct ValidConfig {
     pub progress_notify_interval: Duration,
     /// Log filter.
     pub log_level: String,
+    /// Dump history and exit.
+    pub debug_dump_history: bool,
 }
 
 /// Auto compaction policy.
@@ -312,6 +318,7 @@ impl Config {
             auto_compaction,
             progress_notify_interval: progress,
             log_level: self.log_level,
+            debug_dump_history: self.debug_dump_history,
         })
     }
 }

@@ -9,11 +9,13 @@
 //! - [`http`]: `/metrics`, `/health`, `/version` on the client port.
 //! - [`ids`]: member and cluster IDs derived as etcd derives them.
 //! - [`clock`]: the monotonic clock handed to the store.
+//! - [`failpoints`]: test-only faults (cargo feature `failpoints`).
 
 pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod failpoints;
 pub mod http;
 pub mod ids;
 pub mod node;

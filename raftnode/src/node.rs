@@ -226,6 +226,12 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         tracing::info!(%addr, "serving client traffic (gRPC + HTTP)");
         let app = router.clone();
         let stop = stopped(node.shutdown.clone());
+        // Without TCP_NODELAY, small HTTP/2 frames meet Nagle + delayed ACK: ~40 ms per request.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "setting TCP_NODELAY");
+            }
+        });
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
@@ -249,6 +255,44 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     }
     node.store.persist()?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Prints every change in the data dir's history as one JSON object per line
+/// (`revision`, `sub`, hex `key`/`value`, `put`, `create_revision`, `version`).
+///
+/// # Errors
+/// When the data dir cannot be opened (for example, a node is running on it).
+pub fn dump_history(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let db = fjall::Database::builder(data_dir.join("db")).open()?;
+    let store = KvStore::with_database(db, StoreOptions::default())?;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "compact_revision": store.compact_revision()? })
+    )?;
+    let mut failed = None;
+    store.for_each_history(|rev, kv, tombstone| {
+        let line = serde_json::json!({
+            "revision": rev.main,
+            "sub": rev.sub,
+            "key": hex(&kv.key),
+            "value": hex(&kv.value),
+            "put": !tombstone,
+            "create_revision": kv.create_revision,
+            "version": kv.version,
+        });
+        if let Err(e) = writeln!(out, "{line}") {
+            failed = Some(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    out.flush()?;
     Ok(())
 }
 

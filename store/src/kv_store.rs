@@ -1349,3 +1349,20 @@ impl KvStore {
         Ok(())
     }
 }
+
+impl KvStore {
+    /// Calls `f` for every change in history, in revision order: `(revision, key-value,
+    /// tombstone)`. Reads `kv_history` directly (not the watch path), for offline checks.
+    ///
+    /// # Errors
+    /// `Storage` on read failure.
+    pub fn for_each_history(&self, mut f: impl FnMut(Revision, &KeyValue, bool)) -> Result<()> {
+        for item in self.history.iter() {
+            let (k, v) = item.into_inner()?;
+            let rev = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
+            let rec: HistoryRecord = decode(&v)?;
+            f(rev, &rec.kv, rec.tombstone);
+        }
+        Ok(())
+    }
+}

@@ -1,11 +1,23 @@
-//! Keyhold's process-level test harness: starts the real `keyhold-node` binary on loopback
-//! ports chosen at run time, on a temporary data dir, captures its log, and kills it by PID on
-//! drop (also when a test panics). Faults: kill -9, SIGTERM, SIGSTOP/SIGCONT, restart on the
-//! same data dir.
+//! Keyhold's process-level test harness and robustness suite.
+//!
+//! # Layout
+//! - [`process`]: starts the real `keyhold-node` binary on loopback ports chosen at run time, on
+//!   a temporary data dir, captures its log, kills it by PID on drop (also when a test panics);
+//!   faults: kill -9, SIGTERM, SIGSTOP/SIGCONT, restart on the same data dir.
+//! - [`history`]: recorded operations (invoke/return times, outcomes, unknown outcomes).
+//! - [`model`]: the etcd KV model (revisions included) the checker steps through.
+//! - [`lin`]: a WGL linearizability checker with memoization.
+//! - [`watch_check`]: watch-guarantee validators against a ground-truth history.
+//! - [`robustness`]: traffic, watches, fault schedule, checks; one seed drives everything.
 //!
 //! The binaries are found next to the test executable's `target/<profile>` directory (or in
-//! `$KEYHOLD_BIN_DIR`); `cargo nextest run --workspace` / `cargo test --workspace` build them.
+//! `$KEYHOLD_BIN_DIR`); `scripts/test` builds them first.
 
+pub mod history;
+pub mod lin;
+pub mod model;
 pub mod process;
+pub mod robustness;
+pub mod watch_check;
 
 pub use process::{NodeProcess, etcdctl, etcdctl_stdin, free_port};

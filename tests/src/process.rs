@@ -46,6 +46,7 @@ pub struct NodeProcess {
     peer_port: u16,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -57,6 +58,11 @@ impl NodeProcess {
 
     /// Starts with extra flags.
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_with_env(extra_args, &[])
+    }
+
+    /// Starts with extra flags and environment variables (e.g. `KEYHOLD_FAILPOINTS`).
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = Self {
             child: None,
@@ -64,6 +70,10 @@ impl NodeProcess {
             peer_port: free_port(),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
         };
         node.spawn();
@@ -111,6 +121,7 @@ impl NodeProcess {
             ])
             .args(&self.extra_args)
             .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -180,6 +191,32 @@ impl NodeProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
+    }
+
+    /// Whether the process is running (not killed or stopped by the harness).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node's MVCC history, read from its data dir with `keyhold-node --debug-dump-history`
+    /// (the node must be stopped).
+    pub fn dump_history(&self) -> String {
+        assert!(
+            self.child.is_none(),
+            "stop the node before reading its data dir"
+        );
+        let out = Command::new(binary("keyhold-node"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--debug-dump-history")
+            .output()
+            .expect("run keyhold-node --debug-dump-history");
+        assert!(
+            out.status.success(),
+            "dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8 dump")
     }
 
     /// GET `path` on the client port over HTTP/1.1: `(status, body)`.

@@ -36,11 +36,15 @@ impl Kv for KvService {
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let req = req.into_inner();
         let serializable = req.serializable;
-        let r = range_from_pb(req)?;
+        #[allow(unused_mut)]
+        let mut r = range_from_pb(req)?;
         if !serializable {
             self.node.read_barrier().await?;
         }
         metrics::counter!("etcd_mvcc_range_total").increment(1);
+        if crate::failpoints::enabled("stale-read") && !serializable && r.revision == 0 {
+            r.revision = (self.node.store.current_revision().unwrap_or(1) - 1).max(1);
+        }
         let resp = self.node.blocking(|s| s.range(&r)).map_err(store_err)?;
         let h = header(&self.node, resp.revision);
         Ok(Response::new(range_to_pb(resp, h)))

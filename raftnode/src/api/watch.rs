@@ -326,6 +326,12 @@ impl StreamTask {
             return Ok(());
         }
         w.sent_since_tick = true;
+        if crate::failpoints::enabled("drop-watch-event") {
+            static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            if SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 19 {
+                return Ok(());
+            }
+        }
         let fragment = w.fragment;
         let resp = pb::WatchResponse {
             header: header(&self.node, revision),

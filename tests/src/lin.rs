@@ -1,0 +1,466 @@
+//! A Wing–Gong–Lowe linearizability checker with memoization (the algorithm of Lowe's
+//! "Testing for linearizability", as used by porcupine), over the etcd KV model in
+//! [`crate::model`].
+//!
+//! Calls and returns are events on one timeline (calls before returns at equal times, so
+//! touching operations count as concurrent). The search linearizes any pending call whose model
+//! step accepts its output, and backtracks when it reaches the return of a call it has not
+//! linearized. `(linearized set, state)` pairs already explored are cached. Unknown-outcome
+//! writes return "at infinity": they may take effect anywhere after their call, or never.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::history::Op;
+use crate::model::KvState;
+
+/// Verdict of [`check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A linearization exists.
+    Linearizable,
+    /// None exists; the longest linearized prefix found (op indexes, in order).
+    Violation {
+        /// Ops linearized before the search got stuck.
+        longest: Vec<usize>,
+    },
+    /// The search ran out of time; not a pass.
+    Inconclusive,
+}
+
+const NIL: usize = usize::MAX;
+
+struct Node {
+    op: usize,
+    is_call: bool,
+    /// For a call node: index of its return node.
+    ret: usize,
+    prev: usize,
+    next: usize,
+}
+
+struct List {
+    nodes: Vec<Node>,
+}
+
+impl List {
+    const HEAD: usize = 0;
+
+    fn new(ops: &[Op]) -> Self {
+        let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(ops.len() * 2);
+        for (i, op) in ops.iter().enumerate() {
+            events.push((op.call, 0, i));
+            events.push((op.ret.unwrap_or(u64::MAX), 1, i));
+        }
+        events.sort();
+        let mut nodes = vec![Node {
+            op: NIL,
+            is_call: false,
+            ret: NIL,
+            prev: NIL,
+            next: NIL,
+        }];
+        let mut call_node = vec![NIL; ops.len()];
+        for (_, kind, op) in events {
+            let idx = nodes.len();
+            let prev = idx - 1;
+            nodes[prev].next = idx;
+            nodes.push(Node {
+                op,
+                is_call: kind == 0,
+                ret: NIL,
+                prev,
+                next: NIL,
+            });
+            if kind == 0 {
+                call_node[op] = idx;
+            } else {
+                nodes[call_node[op]].ret = idx;
+            }
+        }
+        Self { nodes }
+    }
+
+    fn unlink(&mut self, i: usize) {
+        let (p, n) = (self.nodes[i].prev, self.nodes[i].next);
+        self.nodes[p].next = n;
+        if n != NIL {
+            self.nodes[n].prev = p;
+        }
+    }
+
+    fn relink(&mut self, i: usize) {
+        let (p, n) = (self.nodes[i].prev, self.nodes[i].next);
+        self.nodes[p].next = i;
+        if n != NIL {
+            self.nodes[n].prev = i;
+        }
+    }
+
+    /// Removes a call and its return.
+    fn lift(&mut self, call: usize) {
+        self.unlink(call);
+        self.unlink(self.nodes[call].ret);
+    }
+
+    /// Undoes [`List::lift`] (in reverse order).
+    fn unlift(&mut self, call: usize) {
+        self.relink(self.nodes[call].ret);
+        self.relink(call);
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+}
+
+/// Checks `ops` against the KV model from an empty store, giving up after `budget`.
+pub fn check(ops: &[Op], budget: Duration) -> Verdict {
+    let deadline = Instant::now() + budget;
+    let mut list = List::new(ops);
+    let mut state = KvState::default();
+    let mut linearized = Bits::new(ops.len());
+    let mut cache: HashSet<(Bits, KvState)> = HashSet::new();
+    let mut calls: Vec<(usize, KvState)> = Vec::new();
+    let mut longest: Vec<usize> = Vec::new();
+    let mut steps = 0u64;
+    let mut entry = list.nodes[List::HEAD].next;
+    while list.nodes[List::HEAD].next != NIL {
+        steps += 1;
+        if steps.is_multiple_of(4096) && Instant::now() > deadline {
+            return Verdict::Inconclusive;
+        }
+        let node = &list.nodes[entry];
+        if node.is_call {
+            let op = &ops[node.op];
+            if let Some(next) = state.step(&op.input, &op.output) {
+                let mut bits = linearized.clone();
+                bits.set(node.op);
+                if cache.insert((bits.clone(), next.clone())) {
+                    calls.push((entry, std::mem::replace(&mut state, next)));
+                    linearized = bits;
+                    list.lift(entry);
+                    if calls.len() > longest.len() {
+                        longest = calls.iter().map(|(e, _)| list.nodes[*e].op).collect();
+                    }
+                    entry = list.nodes[List::HEAD].next;
+                    continue;
+                }
+            }
+            entry = list.nodes[entry].next;
+        } else {
+            // Reached a return whose call is not linearized: backtrack.
+            let Some((call, previous)) = calls.pop() else {
+                return Verdict::Violation { longest };
+            };
+            linearized.clear(list.nodes[call].op);
+            state = previous;
+            list.unlift(call);
+            entry = list.nodes[call].next;
+        }
+    }
+    Verdict::Linearizable
+}
+
+/// The shortest prefix of `ops` (by invocation time) that is already not linearizable, so a
+/// failure report shows the few operations around the violation.
+pub fn smallest_failing_prefix(ops: &[Op], budget: Duration) -> Vec<Op> {
+    let mut sorted = ops.to_vec();
+    sorted.sort_by_key(|o| o.call);
+    let failing = |n: usize| {
+        // Ops still running at the cut are treated as unknown outcome writes or dropped reads.
+        let cut = sorted[..n].last().map_or(0, |o| o.call);
+        let prefix: Vec<Op> = sorted[..n]
+            .iter()
+            .filter(|o| o.ret.is_some_and(|r| r <= cut) || o.is_write())
+            .map(|o| {
+                let mut o = o.clone();
+                if o.ret.is_none_or(|r| r > cut) {
+                    o.ret = None;
+                    o.output = crate::history::Output::Unknown;
+                }
+                o
+            })
+            .collect();
+        matches!(check(&prefix, budget), Verdict::Violation { .. }).then_some(prefix)
+    };
+    let (mut lo, mut hi) = (1, sorted.len());
+    let mut best = failing(hi).unwrap_or(sorted.clone());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match failing(mid) {
+            Some(p) => {
+                best = p;
+                hi = mid;
+            }
+            None => lo = mid + 1,
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Input, Output};
+
+    fn op(client: usize, call: u64, ret: Option<u64>, input: Input, output: Output) -> Op {
+        Op {
+            client,
+            call,
+            ret,
+            input,
+            output,
+        }
+    }
+
+    #[test]
+    fn sequential_history_is_linearizable() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(1),
+                Input::Put(1, 10),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                0,
+                2,
+                Some(3),
+                Input::Get(1),
+                Output::Get {
+                    value: Some(10),
+                    mod_revision: 2,
+                    revision: 2,
+                },
+            ),
+            op(
+                0,
+                4,
+                Some(5),
+                Input::Delete(1),
+                Output::Delete {
+                    deleted: 1,
+                    revision: 3,
+                },
+            ),
+            op(
+                0,
+                6,
+                Some(7),
+                Input::CountAll,
+                Output::CountAll {
+                    count: 0,
+                    revision: 3,
+                },
+            ),
+        ];
+        assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn stale_read_after_acknowledged_write_is_a_violation() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(1),
+                Input::Put(1, 10),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                0,
+                2,
+                Some(3),
+                Input::Put(1, 11),
+                Output::Put { revision: 3 },
+            ),
+            op(
+                1,
+                4,
+                Some(5),
+                Input::Get(1),
+                Output::Get {
+                    value: Some(10),
+                    mod_revision: 2,
+                    revision: 2,
+                },
+            ),
+        ];
+        assert!(matches!(
+            check(&ops, Duration::from_secs(5)),
+            Verdict::Violation { .. }
+        ));
+        assert_eq!(
+            smallest_failing_prefix(&ops, Duration::from_secs(5)).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn concurrent_ops_may_take_either_order() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(10),
+                Input::Put(1, 10),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                1,
+                1,
+                Some(9),
+                Input::Get(1),
+                Output::Get {
+                    value: None,
+                    mod_revision: 0,
+                    revision: 1,
+                },
+            ),
+        ];
+        assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn unknown_writes_may_or_may_not_have_happened() {
+        let lost = op(0, 0, None, Input::Put(1, 10), Output::Unknown);
+        let seen = op(
+            1,
+            5,
+            Some(6),
+            Input::Get(1),
+            Output::Get {
+                value: Some(10),
+                mod_revision: 2,
+                revision: 2,
+            },
+        );
+        let unseen = op(
+            1,
+            5,
+            Some(6),
+            Input::Get(1),
+            Output::Get {
+                value: None,
+                mod_revision: 0,
+                revision: 1,
+            },
+        );
+        assert_eq!(
+            check(&[lost.clone(), seen], Duration::from_secs(5)),
+            Verdict::Linearizable
+        );
+        assert_eq!(
+            check(&[lost.clone(), unseen], Duration::from_secs(5)),
+            Verdict::Linearizable
+        );
+        // But it cannot take effect before it was invoked.
+        let early = op(
+            1,
+            0,
+            Some(1),
+            Input::Get(1),
+            Output::Get {
+                value: Some(10),
+                mod_revision: 2,
+                revision: 2,
+            },
+        );
+        let late_lost = op(0, 5, None, Input::Put(1, 10), Output::Unknown);
+        assert!(matches!(
+            check(&[early, late_lost], Duration::from_secs(5)),
+            Verdict::Violation { .. }
+        ));
+    }
+
+    #[test]
+    fn revisions_must_match() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(1),
+                Input::Put(1, 10),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                0,
+                2,
+                Some(3),
+                Input::Put(2, 20),
+                Output::Put { revision: 4 },
+            ),
+        ];
+        assert!(
+            matches!(
+                check(&ops, Duration::from_secs(5)),
+                Verdict::Violation { .. }
+            ),
+            "a skipped revision"
+        );
+    }
+
+    #[test]
+    fn compare_and_put() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(1),
+                Input::Put(1, 10),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                0,
+                2,
+                Some(3),
+                Input::CompareAndPut {
+                    key: 1,
+                    expected_mod: 2,
+                    value: 11,
+                },
+                Output::CompareAndPut {
+                    succeeded: true,
+                    revision: 3,
+                },
+            ),
+            op(
+                0,
+                4,
+                Some(5),
+                Input::CompareAndPut {
+                    key: 1,
+                    expected_mod: 2,
+                    value: 12,
+                },
+                Output::CompareAndPut {
+                    succeeded: false,
+                    revision: 3,
+                },
+            ),
+        ];
+        assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
+        let mut bad = ops.clone();
+        bad[2].output = Output::CompareAndPut {
+            succeeded: true,
+            revision: 4,
+        };
+        assert!(matches!(
+            check(&bad, Duration::from_secs(5)),
+            Verdict::Violation { .. }
+        ));
+    }
+}

@@ -1,0 +1,709 @@
+//! Robustness scenarios: concurrent clients and watches against a real `keyhold-node`, one
+//! fault schedule, then the linearizability checker and the watch validators over what was
+//! recorded. Every random choice derives from one seed; a failure report carries the seed, the
+//! fault timeline and the smallest failing sub-history.
+//!
+//! ```text
+//!  seed ─► clients (Get/Put/Delete/CAS/Count on 10 keys, unique values) ─► Recorder
+//!       ─► watches (prefix, from revision 1 / now / mid-run; resumed after breaks) ─► WatchLogs
+//!       ─► fault injector (kill -9 / SIGSTOP / SIGTERM / compaction) ─► timeline
+//!  stop ─► ground truth (history read from the data dir) ─► patch unknown writes ─► checks
+//! ```
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+
+use crate::history::{Input, Op, Output, Recorder};
+use crate::lin::{self, Verdict};
+use crate::process::NodeProcess;
+use crate::watch_check::{self, SeenEvent, SeenResponse, Truth, WatchLog};
+
+/// Keys in the traffic's key space (small, so clients conflict).
+const KEY_COUNT: u8 = 10;
+/// Per-request client timeout; a write that times out has an unknown outcome.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Budget for the linearizability search.
+const CHECK_BUDGET: Duration = Duration::from_secs(120);
+/// Prefix every key lives under.
+const PREFIX: &str = "k";
+
+/// What goes wrong during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing: a baseline.
+    None,
+    /// kill -9, then restart on the same data dir.
+    Kill,
+    /// SIGSTOP past the client timeouts, then SIGCONT.
+    Pause,
+    /// SIGTERM (ordered shutdown), then restart.
+    Restart,
+    /// Compaction while a watch replays history from revision 1.
+    Compaction,
+}
+
+impl Fault {
+    /// Every scenario, for `--scenario all`.
+    pub const ALL: [Fault; 5] = [
+        Fault::None,
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Restart,
+        Fault::Compaction,
+    ];
+
+    /// Scenario name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::None => "baseline",
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Restart => "restart",
+            Fault::Compaction => "compaction",
+        }
+    }
+
+    /// Parses a scenario name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == s)
+    }
+}
+
+/// One run's settings.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The fault.
+    pub fault: Fault,
+    /// Traffic duration.
+    pub duration: Duration,
+    /// Seed for every random choice.
+    pub seed: u64,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Server failpoints to enable (test-only builds).
+    pub failpoints: Vec<String>,
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Seed of the run.
+    pub seed: u64,
+    /// Operations recorded (after patching).
+    pub ops: usize,
+    /// Writes with unknown outcome before patching.
+    pub unknown_writes: usize,
+    /// Watch events received.
+    pub watch_events: usize,
+    /// Timestamped fault log.
+    pub timeline: Vec<String>,
+    /// Linearizability verdict.
+    pub linearizable: Option<Verdict>,
+    /// Watch guarantee violations.
+    pub watch_violations: Vec<String>,
+    /// Acknowledged writes missing from the persisted history.
+    pub lost_writes: Vec<String>,
+    /// For a violation: the smallest failing sub-history found.
+    pub failing_history: Vec<Op>,
+}
+
+impl Report {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.linearizable == Some(Verdict::Linearizable)
+            && self.watch_violations.is_empty()
+            && self.lost_writes.is_empty()
+    }
+
+    /// A human-readable summary (printed on failure with the reproducer command).
+    pub fn summary(&self, cfg: &RunConfig) -> String {
+        let mut s = format!(
+            "scenario={} seed={} ops={} unknown_writes={} watch_events={} linearizable={:?} watch_violations={} lost_writes={}\n",
+            cfg.fault.name(),
+            self.seed,
+            self.ops,
+            self.unknown_writes,
+            self.watch_events,
+            self.linearizable
+                .as_ref()
+                .map(|v| matches!(v, Verdict::Linearizable)),
+            self.watch_violations.len(),
+            self.lost_writes.len(),
+        );
+        s += &format!(
+            "reproduce: cargo run -p keyhold-tests --bin robustness -- --scenario {} --duration {}s --seed {}\n",
+            cfg.fault.name(),
+            cfg.duration.as_secs(),
+            self.seed
+        );
+        for t in &self.timeline {
+            s += &format!("  fault: {t}\n");
+        }
+        for v in self.watch_violations.iter().take(20) {
+            s += &format!("  watch: {v}\n");
+        }
+        for l in self.lost_writes.iter().take(20) {
+            s += &format!("  lost: {l}\n");
+        }
+        if !self.failing_history.is_empty() {
+            s += "  smallest failing history (last 30 ops):\n";
+            let skip = self.failing_history.len().saturating_sub(30);
+            for op in &self.failing_history[skip..] {
+                s += &format!(
+                    "    c{} [{}..{:?}] {:?} -> {:?}\n",
+                    op.client, op.call, op.ret, op.input, op.output
+                );
+            }
+        }
+        s
+    }
+}
+
+/// SplitMix64: small, seedable, good enough to drive choices.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+fn key(k: u8) -> String {
+    format!("{PREFIX}{k}")
+}
+
+fn parse_value(v: &[u8]) -> u64 {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Whether a failed request provably never reached the server (nothing to record).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = format!("{e:?}").to_lowercase();
+    text.contains("connection refused") || text.contains("tcp connect error")
+}
+
+async fn connect(endpoint: &str) -> Option<Client> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(REQUEST_TIMEOUT);
+    Client::connect([endpoint], Some(opts)).await.ok()
+}
+
+async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until: Instant) {
+    let mut rng = Rng::new(seed);
+    let mut client = None;
+    let mut counter = 0u64;
+    let mut known_mod = [0i64; KEY_COUNT as usize];
+    while Instant::now() < until {
+        if client.is_none() {
+            client = connect(&endpoint).await;
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let k = rng.below(u64::from(KEY_COUNT)) as u8;
+        counter += 1;
+        let value = ((id as u64 + 1) << 32) | counter;
+        let input = match rng.below(100) {
+            0..=29 => Input::Get(k),
+            30..=59 => Input::Put(k, value),
+            60..=69 => Input::Delete(k),
+            70..=84 => Input::CompareAndPut {
+                key: k,
+                expected_mod: known_mod[k as usize],
+                value,
+            },
+            _ => Input::CountAll,
+        };
+        let call = rec.now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, execute(c, &input)).await;
+        let ret = rec.now();
+        match result {
+            Ok(Ok(output)) => {
+                if let Output::Get { mod_revision, .. } = output {
+                    known_mod[k as usize] = mod_revision;
+                }
+                rec.record(Op {
+                    client: id,
+                    call,
+                    ret: Some(ret),
+                    input,
+                    output,
+                });
+            }
+            Ok(Err(e)) if never_sent(&e) => {
+                client = None;
+            }
+            failed => {
+                if !matches!(input, Input::Get(_) | Input::CountAll) {
+                    rec.record(Op {
+                        client: id,
+                        call,
+                        ret: None,
+                        input,
+                        output: Output::Unknown,
+                    });
+                }
+                if failed.is_err() {
+                    client = None; // a timed-out connection may be stuck (paused server)
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::Error> {
+    let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(0, |h| h.revision());
+    Ok(match input {
+        Input::Get(k) => {
+            let r = c.get(key(*k), None).await?;
+            let kv = r.kvs().first();
+            Output::Get {
+                value: kv.map(|kv| parse_value(kv.value())),
+                mod_revision: kv.map_or(0, |kv| kv.mod_revision()),
+                revision: rev(r.header()),
+            }
+        }
+        Input::CountAll => {
+            let r = c
+                .get(
+                    PREFIX,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            Output::CountAll {
+                count: r.count(),
+                revision: rev(r.header()),
+            }
+        }
+        Input::Put(k, v) => {
+            let r = c.put(key(*k), v.to_string(), None).await?;
+            Output::Put {
+                revision: rev(r.header()),
+            }
+        }
+        Input::Delete(k) => {
+            let r = c.delete(key(*k), None).await?;
+            Output::Delete {
+                deleted: r.deleted(),
+                revision: rev(r.header()),
+            }
+        }
+        Input::CompareAndPut {
+            key: k,
+            expected_mod,
+            value,
+        } => {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key(*k),
+                    CompareOp::Equal,
+                    *expected_mod,
+                )])
+                .and_then([TxnOp::put(key(*k), value.to_string(), None)]);
+            let r = c.txn(txn).await?;
+            Output::CompareAndPut {
+                succeeded: r.succeeded(),
+                revision: rev(r.header()),
+            }
+        }
+    })
+}
+
+/// Shared state of the watches of one run.
+#[derive(Clone)]
+struct Watches {
+    endpoint: String,
+    logs: Arc<Mutex<Vec<WatchLog>>>,
+    /// Highest header revision each watch has seen (events or progress).
+    progress: Arc<Mutex<Vec<Arc<AtomicI64>>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Watches {
+    fn spawn(&self, start_revision: i64, prev_kv: bool) -> tokio::task::JoinHandle<()> {
+        let seen = Arc::new(AtomicI64::new(0));
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(seen.clone());
+        tokio::spawn(run_watch(self.clone(), start_revision, prev_kv, seen))
+    }
+
+    /// Whether every watch has seen `revision` (or ended).
+    fn caught_up(&self, revision: i64) -> bool {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|p| p.load(Ordering::Relaxed) >= revision)
+    }
+}
+
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Runs one watch, resuming after breaks from the next revision; each segment is one log.
+async fn run_watch(w: Watches, start_revision: i64, prev_kv: bool, seen: Arc<AtomicI64>) {
+    let (endpoint, logs) = (w.endpoint.clone(), w.logs.clone());
+    let mut next_start = start_revision;
+    loop {
+        if *w.stop.borrow() {
+            seen.store(i64::MAX, Ordering::Relaxed);
+            return;
+        }
+        let Some(mut c) = connect(&endpoint).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(next_start);
+        if prev_kv {
+            opts = opts.with_prev_key();
+        }
+        let Ok(mut stream) = c.watch(PREFIX, Some(opts)).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut log = WatchLog {
+            prefix: PREFIX.as_bytes().to_vec(),
+            start_revision: next_start,
+            prev_kv,
+            responses: Vec::new(),
+        };
+        let mut progress = tokio::time::interval(Duration::from_millis(300));
+        let stop = stopped(w.stop.clone());
+        tokio::pin!(stop);
+        let ended = loop {
+            tokio::select! {
+                _ = &mut stop => break true,
+                _ = progress.tick() => { let _ = stream.request_progress().await; }
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) => {
+                        let events: Vec<SeenEvent> = r.events().iter().filter_map(|e| {
+                            let kv = e.kv()?;
+                            Some(SeenEvent {
+                                revision: kv.mod_revision(),
+                                key: kv.key().to_vec(),
+                                put: e.event_type() == etcd_client::EventType::Put,
+                                value: kv.value().to_vec(),
+                                create_revision: kv.create_revision(),
+                                prev_value: e.prev_kv().map(|p| p.value().to_vec()),
+                            })
+                        }).collect();
+                        if let Some(last) = events.last() {
+                            next_start = last.revision + 1;
+                        }
+                        let canceled = r.canceled();
+                        let header_revision = r.header().map_or(0, |h| h.revision());
+                        seen.fetch_max(if canceled { i64::MAX } else { header_revision }, Ordering::Relaxed);
+                        log.responses.push(SeenResponse {
+                            header_revision: r.header().map_or(0, |h| h.revision()),
+                            created: r.created(),
+                            canceled,
+                            compact_revision: r.compact_revision(),
+                            fragment: false, // this suite never asks for fragments
+                            events,
+                        });
+                        if canceled {
+                            break true;
+                        }
+                    }
+                    _ => break false,
+                }
+            }
+        };
+        logs.lock().unwrap_or_else(|p| p.into_inner()).push(log);
+        if ended || next_start == 0 {
+            // A "from now" watch that broke before any event cannot resume without guessing a
+            // revision; it stops (its segment is still checked).
+            seen.store(i64::MAX, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Runs one scenario and checks it.
+pub async fn run(cfg: &RunConfig) -> Report {
+    let env: Vec<(&str, String)> = vec![("KEYHOLD_FAILPOINTS", cfg.failpoints.join(","))];
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = tokio::task::block_in_place(|| NodeProcess::start_with_env(&[], &env_ref));
+    let endpoint = node.endpoint();
+    let rec = Recorder::default();
+    let start = Instant::now();
+    let until = start + cfg.duration;
+    let mut rng = Rng::new(cfg.seed);
+    let mut report = Report {
+        seed: cfg.seed,
+        ..Default::default()
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watch_set = Watches {
+        endpoint: endpoint.clone(),
+        logs: Arc::default(),
+        progress: Arc::default(),
+        stop: stop_rx,
+    };
+    let mut watches = vec![watch_set.spawn(1, true), watch_set.spawn(0, false)];
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|i| {
+            tokio::spawn(run_client(
+                i,
+                endpoint.clone(),
+                rng.next_u64(),
+                rec.clone(),
+                until,
+            ))
+        })
+        .collect();
+
+    // Fault schedule: one fault somewhere in the middle third of the run.
+    let fault_at =
+        cfg.duration / 3 + Duration::from_millis(rng.below(cfg.duration.as_millis() as u64 / 3));
+    let heal_after = Duration::from_millis(500 + rng.below(1000));
+    let node = Arc::new(Mutex::new(node));
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let injector = {
+        let (node, timeline, endpoint, fault) =
+            (node.clone(), timeline.clone(), endpoint.clone(), cfg.fault);
+        let watch_set = watch_set.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(fault_at).await;
+            let log = |what: String| {
+                timeline
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("{:>6} ms {what}", start.elapsed().as_millis()))
+            };
+            let with_node = |f: &dyn Fn(&mut NodeProcess)| {
+                tokio::task::block_in_place(|| {
+                    f(&mut node.lock().unwrap_or_else(|p| p.into_inner()))
+                })
+            };
+            match fault {
+                Fault::None => {}
+                Fault::Kill => {
+                    log("kill -9".into());
+                    with_node(&|n| n.kill9());
+                    tokio::time::sleep(heal_after).await;
+                    with_node(&|n| n.restart());
+                    log("restarted".into());
+                }
+                Fault::Pause => {
+                    log("SIGSTOP".into());
+                    with_node(&|n| n.pause());
+                    tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                    with_node(&|n| n.resume());
+                    log("SIGCONT".into());
+                }
+                Fault::Restart => {
+                    log("SIGTERM".into());
+                    with_node(&|n| {
+                        n.terminate();
+                    });
+                    tokio::time::sleep(heal_after).await;
+                    with_node(&|n| n.restart());
+                    log("restarted".into());
+                }
+                Fault::Compaction => {
+                    if let Some(mut c) = connect(&endpoint).await
+                        && let Ok(r) = c
+                            .get(
+                                PREFIX,
+                                Some(GetOptions::new().with_prefix().with_count_only()),
+                            )
+                            .await
+                    {
+                        let rev = r.header().map_or(1, |h| h.revision());
+                        // A new watch from revision 1 must be cancelled with the compact revision.
+                        let target = (rev - 5).max(2);
+                        let ok = c.compact(target, None).await.is_ok();
+                        log(format!(
+                            "compact {target}: {}",
+                            if ok { "ok" } else { "failed" }
+                        ));
+                        watch_set.spawn(1, false);
+                        watch_set.spawn(target, true);
+                    }
+                }
+            }
+        })
+    };
+    // A third watch joins mid-run from a recent revision.
+    tokio::time::sleep(cfg.duration / 2).await;
+    let mid = rec
+        .ops()
+        .iter()
+        .filter_map(|o| match o.output {
+            Output::Put { revision } => Some(revision),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(1);
+    watches.push(watch_set.spawn(mid, true));
+
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = injector.await;
+    // Let watches catch up to the final revision, then stop them.
+    let final_rev = match connect(&endpoint).await {
+        Some(mut c) => c
+            .get("final", None)
+            .await
+            .ok()
+            .and_then(|r| r.header().map(|h| h.revision()))
+            .unwrap_or(0),
+        None => 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !watch_set.caught_up(final_rev) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(true);
+    for w in watches {
+        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+    }
+
+    // Ground truth from the stopped node's data dir.
+    let truth = tokio::task::block_in_place(|| {
+        let mut n = node.lock().unwrap_or_else(|p| p.into_inner());
+        if n.is_running() {
+            n.terminate();
+        }
+        n.dump_history()
+    });
+    let truth = Truth::parse(&truth).unwrap_or_default();
+    report.timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
+
+    let mut ops = rec.ops();
+    report.unknown_writes = ops.iter().filter(|o| o.ret.is_none()).count();
+    patch_unknown_writes(&mut ops, &truth);
+    report.lost_writes = lost_writes(&ops, &truth);
+    report.ops = ops.len();
+    let verdict = tokio::task::block_in_place(|| lin::check(&ops, CHECK_BUDGET));
+    if matches!(verdict, Verdict::Violation { .. }) {
+        report.failing_history =
+            tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, CHECK_BUDGET));
+    }
+    report.linearizable = Some(verdict);
+    let logs = watch_set
+        .logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    report.watch_events = logs
+        .iter()
+        .flat_map(|l| &l.responses)
+        .map(|r| r.events.len())
+        .sum();
+    for l in &logs {
+        for v in watch_check::validate(&truth, l) {
+            report
+                .watch_violations
+                .push(format!("watch from {}: {v}", l.start_revision));
+        }
+    }
+    report
+}
+
+/// etcd-robustness-style patching: an unknown Put (or CAS) whose unique value is in the
+/// persisted history happened at that revision; one whose value is not there never happened
+/// (and is removed, which keeps the search small).
+fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
+    let committed = |v: u64| {
+        truth
+            .events
+            .iter()
+            .find(|e| e.put && parse_value(&e.value) == v)
+            .map(|e| e.revision)
+    };
+    ops.retain_mut(|op| {
+        if op.ret.is_some() {
+            return true;
+        }
+        match op.input {
+            Input::Put(_, v) => match committed(v) {
+                Some(revision) => {
+                    op.output = Output::Put { revision };
+                    true
+                }
+                // Not in history: never happened, unless compaction may have removed it.
+                None => truth.compact_revision > 0,
+            },
+            Input::CompareAndPut { value, .. } => match committed(value) {
+                Some(revision) => {
+                    op.output = Output::CompareAndPut {
+                        succeeded: true,
+                        revision,
+                    };
+                    true
+                }
+                None => truth.compact_revision > 0,
+            },
+            _ => true,
+        }
+    });
+}
+
+/// Acknowledged puts whose value is not in the persisted history at their revision (history
+/// below the compact revision is gone by design and not judged).
+fn lost_writes(ops: &[Op], truth: &Truth) -> Vec<String> {
+    ops.iter()
+        .filter(|o| o.ret.is_some())
+        .filter(|o| match o.output {
+            Output::Put { revision } | Output::CompareAndPut { revision, .. } => {
+                revision > truth.compact_revision
+            }
+            _ => false,
+        })
+        .filter_map(|o| match (&o.input, &o.output) {
+            (Input::Put(k, v), Output::Put { revision })
+            | (
+                Input::CompareAndPut {
+                    key: k, value: v, ..
+                },
+                Output::CompareAndPut {
+                    succeeded: true,
+                    revision,
+                },
+            ) => {
+                let found = truth.events.iter().any(|e| {
+                    e.revision == *revision
+                        && e.put
+                        && e.key == key(*k).as_bytes()
+                        && parse_value(&e.value) == *v
+                });
+                (!found)
+                    .then(|| format!("put {} = {v} acknowledged at revision {revision}", key(*k)))
+            }
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,103 @@
+//! CI mode of the robustness suite: every scenario, short, against a single member; and proof
+//! that the checkers fail on planted server faults (failpoints, test builds only).
+//!
+//! Seed: `KEYHOLD_SEED` if set, else derived from the clock; always printed.
+
+use std::time::Duration;
+
+use keyhold_tests::lin::Verdict;
+use keyhold_tests::robustness::{self, Fault, Report, RunConfig};
+
+/// Traffic per scenario in CI.
+const CI_DURATION: Duration = Duration::from_secs(4);
+
+fn seed() -> u64 {
+    std::env::var("KEYHOLD_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(7, |d| d.as_nanos() as u64)
+        })
+}
+
+async fn scenario(fault: Fault, failpoints: &[&str]) -> (RunConfig, Report) {
+    let cfg = RunConfig {
+        fault,
+        duration: CI_DURATION,
+        seed: seed(),
+        clients: 4,
+        failpoints: failpoints.iter().map(|s| s.to_string()).collect(),
+    };
+    println!("robustness scenario={} seed={}", fault.name(), cfg.seed);
+    let report = robustness::run(&cfg).await;
+    println!("{}", report.summary(&cfg));
+    (cfg, report)
+}
+
+async fn must_pass(fault: Fault) {
+    let (cfg, report) = scenario(fault, &[]).await;
+    assert!(
+        report.ops > 100,
+        "too little traffic to mean anything:\n{}",
+        report.summary(&cfg)
+    );
+    assert!(
+        report.watch_events > 0,
+        "watches saw nothing:\n{}",
+        report.summary(&cfg)
+    );
+    assert!(report.passed(), "violation:\n{}", report.summary(&cfg));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn baseline() {
+    must_pass(Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_and_restart() {
+    must_pass(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_past_client_timeouts() {
+    must_pass(Fault::Pause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ordered_restart() {
+    must_pass(Fault::Restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_while_watches_catch_up() {
+    must_pass(Fault::Compaction).await;
+}
+
+/// A server that answers linearizable reads one revision stale must fail the checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planted_stale_read_is_caught() {
+    let (cfg, report) = scenario(Fault::None, &["stale-read"]).await;
+    assert!(
+        matches!(report.linearizable, Some(Verdict::Violation { .. })),
+        "the checker missed stale reads:\n{}",
+        report.summary(&cfg)
+    );
+    assert!(!report.failing_history.is_empty());
+}
+
+/// A server that drops one watch response must fail the watch validators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planted_dropped_watch_event_is_caught() {
+    let (cfg, report) = scenario(Fault::None, &["drop-watch-event"]).await;
+    assert!(
+        report
+            .watch_violations
+            .iter()
+            .any(|v| v.contains("missed event")),
+        "the watch validators missed a dropped event:\n{}",
+        report.summary(&cfg)
+    );
+}
