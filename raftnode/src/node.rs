@@ -13,6 +13,7 @@ use keyhold_store::{KvStore, StoreOptions, WriteRequest, WriteResponse};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, blocking};
 use crate::config::{AutoCompaction, ValidConfig};
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Applied, Raft};
+use crate::raft::{Applied, Proposal, Raft};
 
 /// Etcd version reported by Status and `/version`, so version-gated clients work.
 pub const ETCD_COMPAT_VERSION: &str = "3.7.0";
@@ -52,6 +53,84 @@ pub struct Node {
     pub clock: Clock,
     /// Flips to true when shutdown starts; streams end when they see it.
     pub shutdown: watch::Receiver<bool>,
+    /// Writes waiting for the proposer task.
+    proposals: mpsc::Sender<Pending>,
+}
+
+/// A write waiting to be proposed, with where its outcome goes.
+type Pending = (WriteRequest, oneshot::Sender<Result<WriteResponse>>);
+
+/// Writes queued for the proposer before `propose` waits (back-pressure).
+const PROPOSAL_QUEUE_MAX: usize = 4096;
+/// Writes per raft entry.
+const PROPOSAL_WRITES_MAX: usize = 512;
+/// Encoded bytes per raft entry before the batch is closed (a single write may add up to
+/// `--max-request-bytes` more; the log accepts records up to 16 MiB).
+const PROPOSAL_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Raft entries proposed but not yet applied; while they are in flight, new writes accumulate
+/// into the next batch.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
+
+fn client_write_error(e: ClientWriteError<u64, BasicNode>) -> Error {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => {
+            if f.leader_id.is_none() {
+                Error::NoLeader
+            } else {
+                Error::LeaderChanged
+            }
+        }
+        ClientWriteError::ChangeMembershipError(e) => Error::Internal(e.to_string()),
+    }
+}
+
+/// Batches queued writes into raft entries: one entry per batch, at most
+/// `PROPOSALS_IN_FLIGHT_MAX` in flight, submitted in queue order.
+async fn proposer(raft: Raft, mut queue: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = postcard::to_allocvec(&first.0).map_or(0, |v| v.len());
+        let mut batch = vec![first];
+        while batch.len() < PROPOSAL_WRITES_MAX && bytes < PROPOSAL_BYTES_MAX {
+            let Ok(next) = queue.try_recv() else { break };
+            bytes += postcard::to_allocvec(&next.0).map_or(0, |v| v.len());
+            batch.push(next);
+        }
+        let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let submitted = raft.client_write_ff(Proposal { writes }).await;
+        tokio::spawn(async move {
+            let outcome = match submitted {
+                Err(_) => Err(Error::Stopped),
+                Ok(rx) => match rx.await {
+                    Err(_) => Err(Error::Stopped),
+                    Ok(Err(e)) => Err(client_write_error(e)),
+                    Ok(Ok(r)) => Ok(r.data),
+                },
+            };
+            match outcome {
+                Ok(Applied::Writes(results)) if results.len() == waiters.len() => {
+                    for (w, r) in waiters.into_iter().zip(results) {
+                        let _ = w.send(r.map_err(Error::Store));
+                    }
+                }
+                Ok(other) => {
+                    let e = Error::Internal(format!("proposal applied as {other:?}"));
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
 }
 
 impl Node {
@@ -89,7 +168,8 @@ impl Node {
         (ms + 999) / 1000
     }
 
-    /// Proposes a write through raft and waits for its applied result.
+    /// Proposes a write through raft and waits for its applied result. Concurrent writes are
+    /// batched into one raft entry by the proposer task.
     ///
     /// # Errors
     /// Store domain errors, `NoLeader`, `Timeout`, `Stopped`, `TooManyRequests`.
@@ -98,26 +178,15 @@ impl Node {
         if committed.saturating_sub(applied) > APPLY_GAP_MAX {
             return Err(Error::TooManyRequests);
         }
-        let write = self.raft.client_write(req);
-        let resp = tokio::time::timeout(self.request_timeout(), write)
+        let (tx, rx) = oneshot::channel();
+        self.proposals
+            .send((req, tx))
             .await
-            .map_err(|_| Error::Timeout)?;
-        match resp {
-            Ok(r) => match r.data {
-                Applied::Write(result) => result.map_err(Error::Store),
-                Applied::Nothing => Err(Error::Internal("write applied as a blank entry".into())),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(if f.leader_id.is_none() {
-                    Error::NoLeader
-                } else {
-                    Error::LeaderChanged
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Error::Internal(e.to_string()))
-            }
-            Err(RaftError::Fatal(_)) => Err(Error::Stopped),
+            .map_err(|_| Error::Stopped)?;
+        match tokio::time::timeout(self.request_timeout(), rx).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(_)) => Err(Error::Stopped),
+            Ok(Ok(result)) => result,
         }
     }
 
@@ -161,8 +230,8 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         quota_bytes: config.quota_bytes,
         ..StoreOptions::default()
     };
-    let store = Arc::new(KvStore::with_database(db.clone(), options)?);
-    let log_store = LogStore::open(db)?;
+    let store = Arc::new(KvStore::with_database(db, options)?);
+    let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
     let clock = Clock::default();
     let sm = StateMachine::new(store.clone(), config.data_dir.join("snap"), clock)?;
 
@@ -196,6 +265,8 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE_MAX);
+    let proposer_task = tokio::spawn(proposer(raft.clone(), queue));
     let node = Arc::new(Node {
         config: config.clone(),
         store,
@@ -204,6 +275,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         cluster_id,
         clock,
         shutdown: shutdown_rx,
+        proposals,
     });
     tracing::info!(
         name = %config.name,
@@ -249,6 +321,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     for d in drivers {
         d.abort();
     }
+    proposer_task.abort();
     tracing::info!("shutting down: raft");
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -1,37 +1,41 @@
-//! The raft log on its own fjall keyspace, with grouped fsyncs.
+//! The raft log store over [`Wal`]: segmented append-only files with grouped fsyncs.
 //!
-//! `append` writes entries into the OS buffers and hands the flush callback to the flusher
-//! thread, which fsyncs once for everything queued since its last fsync and then completes those
-//! callbacks in order. Under load one fsync covers many appends (group commit); an idle append
-//! costs one fsync. A failed fsync stops the process: serving from an unknown disk state could
-//! lose acknowledged writes.
+//! `append` writes the entries and hands the flush callback to the flusher thread, which
+//! fdatasyncs once for everything queued since its last fsync, without blocking further appends,
+//! and then completes those callbacks in order (group commit). The state machine lives in a
+//! separate fjall database whose journal is never on this fsync path. A failed fsync stops the
+//! process: serving from an unknown disk state could lose acknowledged writes.
 
 use std::fmt::Debug;
+use std::fs::File;
 use std::io;
 use std::ops::RangeBounds;
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
 
+use super::wal::Wal;
 use super::{StorageError, TypeConfig, encode};
 
-const KS_LOG: &str = "raft_log";
-const KS_RAFT_META: &str = "raft_meta";
-const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_PURGED: &[u8] = b"last_purged";
 /// Flush callbacks waiting for the flusher; a full queue makes `append` wait (back-pressure).
 const FLUSH_QUEUE_MAX: usize = 4096;
 
-/// The raft log store (cheap to clone; clones share the keyspaces and the flusher).
+/// Persisted raft metadata (the WAL's state file).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LogMeta {
+    vote: Option<Vote<u64>>,
+    last_purged: Option<LogId<u64>>,
+}
+
+/// The raft log store (cheap to clone; clones share the files and the flusher).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Database,
-    log: Keyspace,
-    meta: Keyspace,
-    flush_tx: mpsc::SyncSender<LogFlushed<TypeConfig>>,
+    wal: Wal,
+    meta: Arc<Mutex<LogMeta>>,
+    flush_tx: mpsc::SyncSender<(Arc<File>, LogFlushed<TypeConfig>)>,
 }
 
 fn read_err(e: impl std::fmt::Display) -> StorageError {
@@ -43,50 +47,61 @@ fn write_err(e: impl std::fmt::Display) -> StorageError {
 }
 
 impl LogStore {
-    /// Opens the log keyspaces in `db` and starts the flusher thread.
+    /// Opens the log in `dir` and starts the flusher thread.
     ///
     /// # Errors
-    /// fjall errors opening the keyspaces or spawning the thread.
-    pub fn open(db: Database) -> io::Result<Self> {
-        let log = db
-            .keyspace(KS_LOG, KeyspaceCreateOptions::default)
-            .map_err(io::Error::other)?;
-        let meta = db
-            .keyspace(KS_RAFT_META, KeyspaceCreateOptions::default)
-            .map_err(io::Error::other)?;
-        let (flush_tx, flush_rx) = mpsc::sync_channel::<LogFlushed<TypeConfig>>(FLUSH_QUEUE_MAX);
-        let flush_db = db.clone();
+    /// I/O errors, corruption, or failure to spawn the thread.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let wal = Wal::open(dir)?;
+        let meta: LogMeta = match wal.read_state()? {
+            Some(b) => postcard::from_bytes(&b).map_err(io::Error::other)?,
+            None => LogMeta::default(),
+        };
+        if let Some(p) = meta.last_purged {
+            wal.purge(p.index)?;
+        }
+        let (flush_tx, flush_rx) =
+            mpsc::sync_channel::<(Arc<File>, LogFlushed<TypeConfig>)>(FLUSH_QUEUE_MAX);
         std::thread::Builder::new()
             .name("raft-log-flusher".into())
             .spawn(move || {
                 while let Ok(first) = flush_rx.recv() {
                     let mut done = vec![first];
                     done.extend(flush_rx.try_iter());
-                    if let Err(e) = flush_db.persist(PersistMode::SyncData) {
-                        tracing::error!(error = %e, "fsync of the raft log failed; stopping");
-                        std::process::exit(1);
+                    let mut synced: Vec<*const File> = Vec::new();
+                    for (file, _) in &done {
+                        let ptr = Arc::as_ptr(file);
+                        if synced.contains(&ptr) {
+                            continue;
+                        }
+                        if let Err(e) = file.sync_data() {
+                            tracing::error!(error = %e, "fsync of the raft log failed; stopping");
+                            std::process::exit(1);
+                        }
+                        synced.push(ptr);
                     }
-                    for callback in done {
+                    for (_, callback) in done {
                         callback.log_io_completed(Ok(()));
                     }
                 }
             })?;
         Ok(Self {
-            db,
-            log,
-            meta,
+            wal,
+            meta: Arc::new(Mutex::new(meta)),
             flush_tx,
         })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        match self.meta.get(key).map_err(read_err)? {
-            None => Ok(None),
-            Some(v) => postcard::from_bytes(&v).map(Some).map_err(read_err),
-        }
+    fn meta(&self) -> LogMeta {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update_meta(&self, durable: bool, f: impl FnOnce(&mut LogMeta)) -> Result<(), StorageError> {
+        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut meta);
+        self.wal
+            .write_state(&encode(&*meta), durable)
+            .map_err(write_err)
     }
 }
 
@@ -102,25 +117,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Unbounded => 0,
         };
         let end = match range.end_bound() {
-            Included(i) => Some(i + 1),
-            Excluded(i) => Some(*i),
-            Unbounded => None,
+            Included(i) => i + 1,
+            Excluded(i) => *i,
+            Unbounded => u64::MAX,
         };
-        let lo = start.to_be_bytes().to_vec();
-        let iter = match end {
-            Some(e) => self.log.range(lo..e.to_be_bytes().to_vec()),
-            None => self.log.range(lo..),
-        };
-        let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item.into_inner().map_err(read_err)?;
-            let entry: Entry<TypeConfig> = postcard::from_bytes(&v).map_err(read_err)?;
-            // Pair check with the key written by `append`.
-            assert_eq!(
-                k.as_ref(),
-                entry.log_id.index.to_be_bytes(),
-                "log key/index mismatch"
-            );
+        let records = self.wal.read(start, end).map_err(read_err)?;
+        let mut out = Vec::with_capacity(records.len());
+        for (index, payload) in records {
+            let entry: Entry<TypeConfig> = postcard::from_bytes(&payload).map_err(read_err)?;
+            // Pair check with the index `append` wrote it at.
+            assert_eq!(entry.log_id.index, index, "raft log record/index mismatch");
             out.push(entry);
         }
         Ok(out)
@@ -131,12 +137,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
-        let last = match self.log.last_key_value() {
-            Some(g) => {
-                let (_, v) = g.into_inner().map_err(read_err)?;
-                let e: Entry<TypeConfig> = postcard::from_bytes(&v).map_err(read_err)?;
-                Some(e.log_id)
+        let last_purged = self.meta().last_purged;
+        let last = match self.wal.bounds() {
+            Some((_, last)) => {
+                let e = self.try_get_log_entries(last..=last).await?;
+                e.last().map(|e| e.log_id).or(last_purged)
             }
             None => last_purged,
         };
@@ -151,26 +156,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.meta
-            .insert(KEY_VOTE, encode(vote))
-            .map_err(write_err)?;
-        self.db.persist(PersistMode::SyncData).map_err(write_err)
+        self.update_meta(true, |m| m.vote = Some(*vote))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError> {
-        self.get_meta(KEY_VOTE)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError> {
-        self.meta
-            .insert(KEY_COMMITTED, encode(&committed))
-            .map_err(write_err)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
-        Ok(self
-            .get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?
-            .flatten())
+        Ok(self.meta().vote)
     }
 
     async fn append<I>(
@@ -182,33 +172,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = self.db.batch();
-        for entry in entries {
-            batch.insert(
-                &self.log,
-                entry.log_id.index.to_be_bytes().to_vec(),
-                encode(&entry),
-            );
-        }
-        batch.commit().map_err(write_err)?;
-        self.flush_tx.send(callback).map_err(write_err)
+        let mut first = None;
+        let payloads: Vec<Vec<u8>> = entries
+            .into_iter()
+            .map(|e| {
+                first.get_or_insert(e.log_id.index);
+                encode(&e)
+            })
+            .collect();
+        let Some(first) = first else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let file = self.wal.append(first, &payloads).map_err(write_err)?;
+        self.flush_tx.send((file, callback)).map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
-        let mut batch = self.db.batch();
-        for item in self.log.range(log_id.index.to_be_bytes().to_vec()..) {
-            batch.remove(&self.log, item.key().map_err(read_err)?);
-        }
-        batch.commit().map_err(write_err)?;
-        self.db.persist(PersistMode::SyncData).map_err(write_err)
+        self.wal.truncate(log_id.index).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError> {
-        let mut batch = self.db.batch();
-        batch.insert(&self.meta, KEY_PURGED, encode(&log_id));
-        for item in self.log.range(..=log_id.index.to_be_bytes().to_vec()) {
-            batch.remove(&self.log, item.key().map_err(read_err)?);
-        }
-        batch.commit().map_err(write_err)
+        // Record the purge durably before files go, so a crash never leaves an unexplained gap.
+        self.update_meta(true, |m| m.last_purged = Some(log_id))?;
+        self.wal.purge(log_id.index).map_err(write_err)
     }
 }

@@ -2,7 +2,7 @@
 //! store, and the peer network.
 //!
 //! ```text
-//!  client write ──► Raft::client_write(WriteRequest) ──► LogStore::append ──► flusher (fsync, grouped)
+//!  client write ──► Raft::client_write(WriteRequest) ──► LogStore::append (Wal) ──► flusher (fsync, grouped)
 //!                                                             │ committed
 //!                                                             ▼
 //!                          StateMachine::apply ──► KvStore::apply (data + applied log id, one batch)
@@ -15,15 +15,25 @@
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
+pub mod wal;
 
 use keyhold_store::{Error as StoreError, WriteRequest, WriteResponse};
 use serde::{Deserialize, Serialize};
 
+/// One raft entry's payload: the client writes the proposer batched while the previous entry
+/// was in flight (openraft 0.9 appends one entry per fsync, so batching here is the group
+/// commit). Each write gets its own revision, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Writes, applied in order.
+    pub writes: Vec<WriteRequest>,
+}
+
 /// What applying one log entry produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
-    /// A client write and its outcome (domain errors are outcomes, not failures).
-    Write(Result<WriteResponse, StoreError>),
+    /// One outcome per write of the proposal (domain errors are outcomes, not failures).
+    Writes(Vec<Result<WriteResponse, StoreError>>),
     /// A blank or membership entry.
     Nothing,
 }
@@ -31,7 +41,7 @@ pub enum Applied {
 openraft::declare_raft_types!(
     /// Keyhold's raft types.
     pub TypeConfig:
-        D = WriteRequest,
+        D = Proposal,
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,
@@ -51,6 +61,9 @@ pub type AppliedState = (
 
 /// Meta key (in the store's meta keyspace) of the last applied log id.
 pub const META_APPLIED: &[u8] = b"raft/applied";
+/// Meta key of `(log id, writes applied)` for the entry being applied, so a crash in the middle
+/// of a proposal's writes resumes after the last one applied instead of repeating it.
+pub const META_PARTIAL: &[u8] = b"raft/partial";
 /// Meta key of the last applied membership.
 pub const META_MEMBERSHIP: &[u8] = b"raft/membership";
 

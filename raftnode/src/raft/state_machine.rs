@@ -14,7 +14,8 @@ use openraft::{
 };
 
 use super::{
-    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, StorageError, TypeConfig, encode,
+    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, StorageError, TypeConfig,
+    encode,
 };
 use crate::clock::{Clock, blocking};
 
@@ -74,6 +75,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             let tmp = dir.join("building.data");
             let mut out = io::BufWriter::new(std::fs::File::create(&tmp).map_err(snap_err)?);
+            // The state machine's own journal is not fsynced per apply; make it durable before
+            // the log is purged up to this snapshot.
+            store.persist().map_err(snap_err)?;
             let values = store
                 .export(&mut out, &[META_APPLIED, META_MEMBERSHIP])
                 .map_err(snap_err)?;
@@ -141,21 +145,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             .map_err(sm_err)?;
                         out.push(Applied::Nothing);
                     }
-                    EntryPayload::Normal(req) => {
-                        let ctx = ApplyContext {
-                            now_ms,
-                            meta: &[(META_APPLIED, &applied)],
+                    EntryPayload::Normal(proposal) => {
+                        // Writes of this entry already applied before a crash are skipped.
+                        let done = match store.meta_get(META_PARTIAL).map_err(sm_err)? {
+                            Some(b) => match postcard::from_bytes::<(LogId<u64>, usize)>(&b) {
+                                Ok((id, n)) if id == entry.log_id => n,
+                                _ => 0,
+                            },
+                            None => 0,
                         };
-                        match store.apply(&req, ctx) {
-                            Err(StoreError::Storage(e)) => {
-                                return Err(StorageIOError::apply(
-                                    entry.log_id,
-                                    &io::Error::other(e),
-                                )
-                                .into());
+                        let total = proposal.writes.len();
+                        let mut results = Vec::with_capacity(total);
+                        for (i, req) in proposal.writes.iter().enumerate() {
+                            if i < done {
+                                results.push(Err(StoreError::Storage(
+                                    "applied before a restart".into(),
+                                )));
+                                continue;
                             }
-                            result => out.push(Applied::Write(result)),
+                            let partial = encode(&(entry.log_id, i + 1));
+                            let last = [(META_PARTIAL, &partial[..]), (META_APPLIED, &applied[..])];
+                            let meta: &[(&[u8], &[u8])] =
+                                if i + 1 == total { &last } else { &last[..1] };
+                            match store.apply(req, ApplyContext { now_ms, meta }) {
+                                Err(StoreError::Storage(e)) => {
+                                    return Err(StorageIOError::apply(
+                                        entry.log_id,
+                                        &io::Error::other(e),
+                                    )
+                                    .into());
+                                }
+                                result => results.push(result),
+                            }
                         }
+                        if total == 0 {
+                            store
+                                .meta_put(&[(META_APPLIED, &applied)])
+                                .map_err(sm_err)?;
+                        }
+                        out.push(Applied::Writes(results));
                     }
                     EntryPayload::Membership(m) => {
                         let stored = StoredMembership::new(Some(entry.log_id), m);
