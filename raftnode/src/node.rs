@@ -69,7 +69,7 @@ const PROPOSAL_WRITES_MAX: usize = 512;
 const PROPOSAL_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Raft entries proposed but not yet applied; while they are in flight, new writes accumulate
 /// into the next batch.
-const PROPOSALS_IN_FLIGHT_MAX: usize = 2;
+const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
 fn client_write_error(e: ClientWriteError<u64, BasicNode>) -> Error {
     match e {

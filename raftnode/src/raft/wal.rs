@@ -202,14 +202,15 @@ impl Wal {
     /// # Errors
     /// I/O errors or a record whose checksum no longer matches.
     pub fn read(&self, start: u64, end: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
-        let (locs, files): (Vec<(u64, Location)>, BTreeMap<u64, Arc<File>>) = {
+        // Copy what is needed and release the lock before reading files.
+        let (locs, files) = {
             let inner = lock(&self.inner);
-            let locs: Vec<_> = inner
+            let locs: Vec<(u64, Location)> = inner
                 .index
                 .range(start..end)
                 .map(|(i, l)| (*i, *l))
                 .collect();
-            let files = inner
+            let files: BTreeMap<u64, Arc<File>> = inner
                 .segments
                 .iter()
                 .map(|(f, s)| (*f, s.file.clone()))
