@@ -31,11 +31,17 @@ pub const APPLY_GAP_MAX: u64 = 5000;
 const LESSOR_TICK: Duration = Duration::from_millis(500);
 /// How often the primary checkpoints remaining lease TTLs.
 const LEASE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
-/// Raft log entries between snapshots (the store itself is persistent; snapshots exist so the
-/// log can be purged and lagging members can catch up).
-const SNAPSHOT_LOGS_SINCE_LAST: u64 = 100_000;
+/// Raft log entries between snapshots. A snapshot only makes the store durable and records what
+/// it covers, so it is cheap; it exists so the log can be purged.
+/// Entries are batches of up to `PROPOSAL_BYTES_MAX`, so this count stays small.
+const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000;
 /// Entries kept in the log after a snapshot, for slightly lagging followers.
-const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 10_000;
+const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 200;
+/// Block cache of the store.
+const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Journal bytes the store keeps before flushing memtables; bounds what a restart after a crash
+/// replays (fjall's default is 512 MiB).
+const STORE_JOURNAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// A running member.
 pub struct Node {
@@ -210,6 +216,22 @@ impl Node {
         }
     }
 
+    /// Proposes a compaction; once applied, reclaims the compacted history's disk space in the
+    /// background (so no defragment is needed to get it back).
+    ///
+    /// # Errors
+    /// As [`Node::propose`].
+    pub async fn compact(&self, revision: i64) -> Result<WriteResponse> {
+        let resp = self.propose(WriteRequest::Compact { revision }).await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.reclaim_compacted() {
+                tracing::warn!(error = %e, "reclaiming compacted history");
+            }
+        });
+        Ok(resp)
+    }
+
     /// Runs blocking store work.
     pub fn blocking<T>(&self, f: impl FnOnce(&KvStore) -> T) -> T {
         blocking(|| f(&self.store))
@@ -224,7 +246,8 @@ impl Node {
 pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     let db = fjall::Database::builder(config.data_dir.join("db"))
-        .cache_size(64 * 1024 * 1024)
+        .cache_size(STORE_CACHE_BYTES)
+        .max_journaling_size(STORE_JOURNAL_BYTES_MAX)
         .open()?;
     let options = StoreOptions {
         quota_bytes: config.quota_bytes,

@@ -1343,7 +1343,23 @@ impl KvStore {
     /// # Errors
     /// `Storage` on failure.
     pub fn defragment(&self) -> Result<()> {
-        for ks in self.keyspaces() {
+        self.reclaim(&self.keyspaces())
+    }
+
+    /// Returns the space of history removed by compaction to the file system by rewriting the
+    /// history and index keyspaces (a compaction leaves tombstones that the LSM would otherwise
+    /// merge away only gradually). Safe to run beside reads and writes.
+    ///
+    /// # Errors
+    /// `Storage` on failure.
+    pub fn reclaim_compacted(&self) -> Result<()> {
+        self.reclaim(&[&self.history, &self.index])
+    }
+
+    fn reclaim(&self, keyspaces: &[&Keyspace]) -> Result<()> {
+        for ks in keyspaces {
+            // Tombstones still in the memtable would survive a compaction of the tables alone.
+            ks.rotate_memtable_and_wait()?;
             ks.major_compact()?;
         }
         Ok(())

@@ -15,6 +15,23 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Whether the tests run against Debian's etcd (`KEYHOLD_TEST_TARGET=etcd`) instead of
+/// keyhold-node.
+pub fn target_is_etcd() -> bool {
+    std::env::var("KEYHOLD_TEST_TARGET").is_ok_and(|t| t == "etcd")
+}
+
+/// The etcd 3.4 spelling of a keyhold-node flag, when etcd has it.
+fn etcd_flag(flag: &str) -> Option<&'static str> {
+    Some(match flag {
+        "--quota-backend-bytes" => "--quota-backend-bytes",
+        "--heartbeat-interval" => "--heartbeat-interval",
+        "--election-timeout" => "--election-timeout",
+        "--watch-progress-notify-interval" => "--experimental-watch-progress-notify-interval",
+        _ => return None,
+    })
+}
+
 /// Directory holding the built binaries.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("KEYHOLD_BIN_DIR") {
@@ -109,23 +126,43 @@ impl NodeProcess {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(binary("keyhold-node"))
+        let client = format!("http://{}", self.client);
+        let mut cmd = if target_is_etcd() {
+            // Reference mode: the same tests against Debian's etcd 3.4, to check that what they
+            // expect is what etcd answers. Keyhold-only flags are dropped.
+            let mut c = Command::new("etcd");
+            c.args(["--advertise-client-urls", &client])
+                .args(["--initial-cluster", &format!("default={peer}")])
+                .args(["--logger", "zap", "--log-outputs", "stderr"]);
+            for pair in self.extra_args.chunks(2) {
+                if let [flag, value] = pair
+                    && let Some(f) = etcd_flag(flag)
+                {
+                    c.args([f, value.as_str()]);
+                }
+            }
+            c
+        } else {
+            let mut c = Command::new(binary("keyhold-node"));
+            c.args(&self.extra_args)
+                .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            c
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--listen-client-urls", &format!("http://{}", self.client)])
+            .args(["--listen-client-urls", &client])
             .args([
                 "--initial-advertise-peer-urls",
                 &peer,
                 "--listen-peer-urls",
                 &peer,
             ])
-            .args(&self.extra_args)
-            .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn keyhold-node");
+            .expect("spawn the node under test");
         self.child = Some(child);
         self.wait_ready();
     }

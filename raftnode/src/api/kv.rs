@@ -162,11 +162,7 @@ impl Kv for KvService {
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         let revision = req.into_inner().revision;
-        match self
-            .node
-            .propose(st::WriteRequest::Compact { revision })
-            .await?
-        {
+        match self.node.compact(revision).await? {
             st::WriteResponse::Compact { revision } => Ok(Response::new(pb::CompactionResponse {
                 header: header(&self.node, revision),
             })),

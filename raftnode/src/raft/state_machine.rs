@@ -1,6 +1,7 @@
 //! The raft state machine: applies committed entries to the MVCC store, writing the applied log
 //! id (and membership) in the same fjall batch as the data, so a crash never re-applies or skips
-//! an entry. Snapshots are full store exports streamed through files under `<data-dir>/snap`.
+//! an entry. Snapshots record what the durable store covers (so the log can be purged); a full
+//! export is installed from files under `<data-dir>/snap` when one is received.
 
 use std::io;
 use std::path::PathBuf;
@@ -70,31 +71,20 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// The state machine is persistent, so a snapshot needs no copy of the data to let the log
+    /// be purged: it makes the store durable and records what it covers. The data (a full
+    /// [`KvStore::export`]) is produced when a peer has to receive it, as etcd streams its
+    /// database only on demand; the snapshot file written here holds the metadata only.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (store, dir) = (self.store.clone(), self.dir.clone());
         let meta = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
-            let tmp = dir.join("building.data");
-            let mut out = io::BufWriter::new(std::fs::File::create(&tmp).map_err(snap_err)?);
-            // The state machine's own journal is not fsynced per apply; make it durable before
-            // the log is purged up to this snapshot.
+            // Durable before the log is purged up to this point.
             store.persist().map_err(snap_err)?;
-            let values = store
-                .export(&mut out, &[META_APPLIED, META_MEMBERSHIP])
-                .map_err(snap_err)?;
-            out.into_inner()
-                .map_err(snap_err)?
-                .sync_all()
-                .map_err(snap_err)?;
-            let mut values = values.into_iter();
-            let (applied, membership) =
-                Self::decode_meta(values.next().flatten(), values.next().flatten())?;
+            let applied = store.meta_get(META_APPLIED).map_err(snap_err)?;
+            let membership = store.meta_get(META_MEMBERSHIP).map_err(snap_err)?;
+            let (applied, membership) = Self::decode_meta(applied, membership)?;
             let snapshot_id = match applied {
-                Some(l) => format!(
-                    "{}-{}-{}",
-                    l.leader_id.term,
-                    l.index,
-                    store.current_revision().unwrap_or(0)
-                ),
+                Some(l) => format!("{}-{}", l.leader_id.term, l.index),
                 None => "empty".to_string(),
             };
             let meta = SnapshotMeta {
@@ -102,8 +92,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 last_membership: membership,
                 snapshot_id,
             };
-            std::fs::rename(&tmp, dir.join(SNAP_DATA)).map_err(snap_err)?;
-            std::fs::write(dir.join(SNAP_META), encode(&meta)).map_err(snap_err)?;
+            std::fs::write(dir.join(SNAP_DATA), b"")
+                .and_then(|_| std::fs::write(dir.join(SNAP_META), encode(&meta)))
+                .map_err(snap_err)?;
             Ok(meta)
         })
         .await

@@ -111,6 +111,9 @@ async fn election_campaign_proclaim_observe_resign() {
 
 #[tokio::test]
 async fn range_stream_returns_the_same_keys_in_chunks() {
+    if keyhold_tests::process::target_is_etcd() {
+        return; // RangeStream is etcd 3.7; the reference etcd here is 3.4
+    }
     let node = NodeProcess::start();
     let mut c = client(&node).await;
     for i in 0..150 {

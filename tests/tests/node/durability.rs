@@ -129,8 +129,10 @@ async fn sigterm_is_a_clean_shutdown() {
         c.put("durable", "yes", None).await.expect("put");
         let mut w = c.watch("durable", None).await.expect("watch");
         w.message().await.expect("ok").expect("created");
+        let clean = node.terminate();
+        // etcd 3.4 dies by the signal; keyhold-node shuts down in order and exits 0.
         assert!(
-            node.terminate(),
+            clean || keyhold_tests::process::target_is_etcd(),
             "exit status 0 on SIGTERM, even with an open watch:\n{}",
             node.log()
         );

@@ -107,6 +107,9 @@ async fn invalid_requests_get_etcd_codes_and_messages() {
 
 #[tokio::test]
 async fn invalid_sort_enum_is_refused() {
+    if keyhold_tests::process::target_is_etcd() {
+        return; // etcd 3.4 accepts unknown sort enums; the check is in the API Keyhold targets (3.7)
+    }
     let node = NodeProcess::start();
     let mut kv = KvClient::connect(format!("http://{}", node.endpoint()))
         .await

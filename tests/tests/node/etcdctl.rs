@@ -59,7 +59,7 @@ fn maintenance_commands() {
     ok(etcdctl(&ep, &["put", "a", "1"]));
     let status = ok(etcdctl(&ep, &["endpoint", "status", "-w", "json"]));
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
-    assert_eq!(v[0]["Status"]["version"], "3.7.0");
+    assert_eq!(v[0]["Status"]["version"], crate::expected_version());
     let health = etcdctl(&ep, &["endpoint", "health"]);
     assert!(health.status.success());
     assert!(

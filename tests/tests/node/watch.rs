@@ -188,3 +188,58 @@ async fn progress_notify_fires_on_idle_watchers() {
     );
     assert_eq!(r.watch_id(), 0);
 }
+
+#[tokio::test]
+async fn large_catch_up_responses_are_fragmented_when_asked() {
+    use keyhold_proto::etcdserverpb::watch_client::WatchClient;
+    use keyhold_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request};
+
+    let node = NodeProcess::start();
+    let mut c = client(&node).await;
+    let value = vec![b'f'; 1024 * 1024];
+    for i in 0..3 {
+        c.put(format!("frag/{i}"), value.clone(), None)
+            .await
+            .expect("put"); // revisions 2..=4
+    }
+    let create = WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: b"frag/".to_vec(),
+                range_end: b"frag0".to_vec(),
+                start_revision: 2,
+                fragment: true,
+                ..Default::default()
+            },
+        )),
+    };
+    let mut raw = WatchClient::connect(format!("http://{}", node.endpoint()))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let requests =
+        futures::StreamExt::chain(futures::stream::iter([create]), futures::stream::pending());
+    let mut responses = raw.watch(requests).await.expect("watch").into_inner();
+    let created = responses.message().await.expect("ok").expect("created");
+    assert!(created.created);
+    let mut parts = Vec::new();
+    loop {
+        let r = tokio::time::timeout(WAIT, responses.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("msg");
+        let last = !r.fragment;
+        parts.push(r);
+        if last {
+            break;
+        }
+    }
+    assert!(
+        parts.len() >= 2,
+        "3 MiB of events over a 2 MiB limit come in fragments"
+    );
+    let events: usize = parts.iter().map(|p| p.events.len()).sum();
+    assert_eq!(events, 3);
+    assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
+}
