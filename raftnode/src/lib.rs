@@ -4,7 +4,8 @@
 //! - [`config`]: flags (etcd names, `KEYHOLD_*` env vars), validated once.
 //! - [`node`]: composes the store, openraft, the gRPC/HTTP server and background drivers; the
 //!   ordered shutdown path.
-//! - [`raft`]: openraft types, the fjall log store, the state machine, the peer network.
+//! - [`raft`]: openraft types, the raft log (segmented WAL files), the state machine, the peer
+//!   network.
 //! - [`api`]: one file per etcd gRPC service, the error → status table, response headers.
 //! - [`http`]: `/metrics`, `/health`, `/version` on the client port.
 //! - [`ids`]: member and cluster IDs derived as etcd derives them.

@@ -68,9 +68,7 @@ async fn guarded(node: &Node, leader: &LeaderKey, op: st::RequestOp) -> Result<i
     match node.propose(st::WriteRequest::Txn(txn)).await? {
         st::WriteResponse::Txn(t) if t.succeeded => Ok(t.revision),
         st::WriteResponse::Txn(_) => Err(not_leader()),
-        other => Err(Status::internal(format!(
-            "unexpected apply result {other:?}"
-        ))),
+        other => Err(super::unexpected(&other)),
     }
 }
 

@@ -101,9 +101,7 @@ impl Kv for KvService {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(put_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 
@@ -121,9 +119,7 @@ impl Kv for KvService {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(delete_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 
@@ -151,9 +147,7 @@ impl Kv for KvService {
                 let h = header(&self.node, r.revision);
                 Ok(Response::new(txn_to_pb(r, h)))
             }
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 
@@ -166,9 +160,7 @@ impl Kv for KvService {
             st::WriteResponse::Compact { revision } => Ok(Response::new(pb::CompactionResponse {
                 header: header(&self.node, revision),
             })),
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 }

@@ -64,9 +64,7 @@ impl Lease for LeaseService {
                     error: String::new(),
                 }))
             }
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 
@@ -84,9 +82,7 @@ impl Lease for LeaseService {
             st::WriteResponse::Lease { revision } => Ok(Response::new(pb::LeaseRevokeResponse {
                 header: header(&self.node, revision),
             })),
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(super::unexpected(&other)),
         }
     }
 

@@ -50,9 +50,7 @@ pub(crate) async fn create_owned_key(
     let resp = match node.propose(st::WriteRequest::Txn(txn)).await? {
         st::WriteResponse::Txn(t) => t,
         other => {
-            return Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            )));
+            return Err(super::unexpected(&other));
         }
     };
     let created = resp.responses.iter().find_map(|r| match r {
@@ -164,9 +162,7 @@ impl Lock for LockService {
         {
             st::WriteResponse::DeleteRange(d) => d.revision,
             other => {
-                return Err(Status::internal(format!(
-                    "unexpected apply result {other:?}"
-                )));
+                return Err(super::unexpected(&other));
             }
         };
         Ok(Response::new(UnlockResponse {

@@ -80,9 +80,7 @@ impl Maintenance for MaintenanceService {
                     }
                     st::WriteResponse::Alarm { .. } => vec![alarm],
                     other => {
-                        return Err(Status::internal(format!(
-                            "unexpected apply result {other:?}"
-                        )));
+                        return Err(super::unexpected(&other));
                     }
                 }
             }

@@ -40,6 +40,12 @@ pub fn header(node: &Node, revision: i64) -> Option<pb::ResponseHeader> {
     })
 }
 
+/// The status for an apply result of the wrong kind (a bug: each write request has one kind of
+/// response).
+pub fn unexpected(result: &st::WriteResponse) -> tonic::Status {
+    tonic::Status::internal(format!("unexpected apply result {result:?}"))
+}
+
 /// A header at the store's current revision.
 pub fn current_header(node: &Node) -> Option<pb::ResponseHeader> {
     header(node, node.store.current_revision().unwrap_or(1))
