@@ -225,8 +225,16 @@ impl Node {
         let resp = self.propose(WriteRequest::Compact { revision }).await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.reclaim_compacted() {
-                tracing::warn!(error = %e, "reclaiming compacted history");
+            let (before, started) = (store.size_bytes(), std::time::Instant::now());
+            match store.reclaim_compacted() {
+                Ok(()) => tracing::info!(
+                    revision,
+                    before_bytes = before,
+                    after_bytes = store.size_bytes(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "reclaimed compacted history"
+                ),
+                Err(e) => tracing::warn!(error = %e, "reclaiming compacted history"),
             }
         });
         Ok(resp)
