@@ -1346,14 +1346,15 @@ impl KvStore {
         self.reclaim(&self.keyspaces())
     }
 
-    /// Returns the space of history removed by compaction to the file system by rewriting the
-    /// history and index keyspaces (a compaction leaves tombstones that the LSM would otherwise
-    /// merge away only gradually). Safe to run beside reads and writes.
+    /// Returns the space of history removed by compaction to the file system by rewriting every
+    /// keyspace (a compaction leaves tombstones that the LSM would otherwise merge away only
+    /// gradually, and fjall drops obsolete table files once every keyspace has moved on). Safe to
+    /// run beside reads and writes.
     ///
     /// # Errors
     /// `Storage` on failure.
     pub fn reclaim_compacted(&self) -> Result<()> {
-        self.reclaim(&[&self.history, &self.index])
+        self.reclaim(&self.keyspaces())
     }
 
     fn reclaim(&self, keyspaces: &[&Keyspace]) -> Result<()> {
