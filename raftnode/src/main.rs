@@ -11,6 +11,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if !cfg!(feature = "failpoints")
+        && std::env::var("KEYHOLD_FAILPOINTS").is_ok_and(|v| !v.is_empty())
+    {
+        eprintln!(
+            "keyhold-node: KEYHOLD_FAILPOINTS is set but this build has no failpoints \
+             (build with --features keyhold-raftnode/failpoints)"
+        );
+        return std::process::ExitCode::from(2);
+    }
     if config.debug_dump_history {
         return match keyhold_raftnode::node::dump_history(&config.data_dir) {
             Ok(()) => std::process::ExitCode::SUCCESS,
