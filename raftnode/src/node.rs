@@ -227,7 +227,8 @@ impl Node {
         tokio::task::spawn_blocking(move || {
             let (before, started) = (store.size_bytes(), std::time::Instant::now());
             match store.reclaim_compacted() {
-                Ok(()) => tracing::info!(
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
                     revision,
                     before_bytes = before,
                     after_bytes = store.size_bytes(),

@@ -101,6 +101,8 @@ pub struct KvStore {
     writer: Mutex<()>,
     state: Mutex<State>,
     hub: Mutex<WatchHub>,
+    /// History entries removed by compaction since the last [`KvStore::reclaim_compacted`].
+    removed_since_reclaim: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +169,7 @@ impl KvStore {
                 alarms: BTreeSet::new(),
             }),
             hub: Mutex::new(WatchHub::new(1)),
+            removed_since_reclaim: std::sync::atomic::AtomicU64::new(0),
         };
         match store.meta.get(META_FORMAT)? {
             None => store.meta.insert(META_FORMAT, FORMAT_VERSION)?,
@@ -486,6 +489,7 @@ impl KvStore {
     fn run_compaction(&self, rev: i64) -> Result<()> {
         let mut batch = self.db.batch();
         let mut pending = 0usize;
+        let mut removed = 0u64;
         let mut current_key: Option<Vec<u8>> = None;
         // Revisions of the current key at or below `rev`, ascending: (index entry, revision, tombstone).
         let mut below: Vec<(Vec<u8>, Revision, bool)> = Vec::new();
@@ -519,12 +523,16 @@ impl KvStore {
             }
             if pending >= limits::COMPACTION_BATCH_ENTRIES_MAX {
                 std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                removed += pending as u64;
                 pending = 0;
             }
         }
         flush_key(&mut below, &mut batch, &mut pending);
         batch.insert(&self.meta, META_COMPACT, rev.to_be_bytes().to_vec());
         batch.commit()?;
+        removed += pending as u64;
+        self.removed_since_reclaim
+            .fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -1351,10 +1359,25 @@ impl KvStore {
     /// gradually, and fjall drops obsolete table files once every keyspace has moved on). Safe to
     /// run beside reads and writes.
     ///
+    /// Amortized: it rewrites only once the history entries removed since the last rewrite
+    /// outnumber the live keys (and `RECLAIM_ENTRIES_MIN`), so frequent small compactions do not
+    /// rewrite the live data each time. Returns whether it rewrote.
+    ///
     /// # Errors
     /// `Storage` on failure.
-    pub fn reclaim_compacted(&self) -> Result<()> {
-        self.reclaim(&self.keyspaces())
+    pub fn reclaim_compacted(&self) -> Result<bool> {
+        let pending = self
+            .removed_since_reclaim
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Exact count: compaction already scanned the whole index, this is cheaper.
+        let live = self.latest.len()? as u64;
+        if pending < live.max(limits::RECLAIM_ENTRIES_MIN) {
+            return Ok(false);
+        }
+        self.reclaim(&self.keyspaces())?;
+        self.removed_since_reclaim
+            .fetch_sub(pending, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
     }
 
     fn reclaim(&self, keyspaces: &[&Keyspace]) -> Result<()> {

@@ -12,6 +12,9 @@ pub const LEASE_TTL_MAX_SECONDS: i64 = 9_000_000_000;
 pub const LEASE_REVOKES_PER_TICK_MAX: usize = 500;
 /// Index entries removed per compaction write batch; bounds the memory of one batch.
 pub const COMPACTION_BATCH_ENTRIES_MAX: usize = 10_000;
+/// Compacted-away history entries below which a reclaim (a rewrite of every keyspace) is not
+/// worth its cost.
+pub const RECLAIM_ENTRIES_MIN: u64 = 10_000;
 /// Default backend quota in bytes (etcd: 2 GiB when `--quota-backend-bytes` is 0).
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
 /// Bytes charged per Put on top of key and value, for the quota check (etcd's cost model).

@@ -485,3 +485,31 @@ proptest! {
         prop_assert_eq!(s.current_revision().expect("rev"), model.revs.len() as i64);
     }
 }
+
+#[test]
+fn reclaim_is_amortized_over_removed_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    for i in 0..100 {
+        put(&s, "k", &i.to_string());
+    }
+    let rev = s.current_revision().expect("rev");
+    apply(&s, WriteRequest::Compact { revision: rev }).expect("compact");
+    assert_eq!(
+        s.reclaim_compacted(),
+        Ok(false),
+        "99 removed entries do not pay for a rewrite"
+    );
+    for i in 0..10_000 {
+        put(&s, "k", &i.to_string());
+    }
+    let rev = s.current_revision().expect("rev");
+    apply(&s, WriteRequest::Compact { revision: rev }).expect("compact");
+    assert_eq!(s.reclaim_compacted(), Ok(true));
+    assert_eq!(
+        s.reclaim_compacted(),
+        Ok(false),
+        "the counter restarts after a rewrite"
+    );
+    assert_eq!(get(&s, "k", 0).expect("get").expect("k").value, b"9999");
+}
