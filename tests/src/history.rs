@@ -26,6 +26,12 @@ pub enum Input {
     },
     /// Count of all keys (a linearizable range over the whole key space).
     CountAll,
+    /// Grant a lease with this ID (long TTL: it never expires during a run).
+    LeaseGrant(i64),
+    /// Put of a unique value attached to a lease.
+    PutWithLease(Key, u64, i64),
+    /// Revoke a lease, deleting its keys.
+    LeaseRevoke(i64),
 }
 
 /// What the server answered.
@@ -45,6 +51,10 @@ pub enum Output {
     CompareAndPut { succeeded: bool, revision: i64 },
     /// CountAll: count and header revision.
     CountAll { count: i64, revision: i64 },
+    /// LeaseGrant or LeaseRevoke succeeded; header revision.
+    Lease { revision: i64 },
+    /// The request named a lease that does not exist (a definite outcome: nothing changed).
+    LeaseNotFound,
     /// The outcome is unknown (only for writes; failed reads are dropped).
     Unknown,
 }

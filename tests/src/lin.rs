@@ -463,4 +463,71 @@ mod tests {
             Verdict::Violation { .. }
         ));
     }
+
+    #[test]
+    fn leases_attach_and_revoke_deletes_their_keys() {
+        let l = 1 << 40;
+        let ops = vec![
+            op(
+                0,
+                0,
+                Some(1),
+                Input::LeaseGrant(l),
+                Output::Lease { revision: 1 },
+            ),
+            op(
+                0,
+                2,
+                Some(3),
+                Input::PutWithLease(1, 10, l),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                0,
+                4,
+                Some(5),
+                Input::LeaseRevoke(l),
+                Output::Lease { revision: 3 },
+            ),
+            op(
+                0,
+                6,
+                Some(7),
+                Input::Get(1),
+                Output::Get {
+                    value: None,
+                    mod_revision: 0,
+                    revision: 3,
+                },
+            ),
+            op(
+                0,
+                8,
+                Some(9),
+                Input::PutWithLease(1, 11, l),
+                Output::LeaseNotFound,
+            ),
+            op(
+                0,
+                10,
+                Some(11),
+                Input::LeaseRevoke(l),
+                Output::LeaseNotFound,
+            ),
+        ];
+        assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
+        let mut kept = ops.clone();
+        kept[3].output = Output::Get {
+            value: Some(10),
+            mod_revision: 2,
+            revision: 3,
+        };
+        assert!(
+            matches!(
+                check(&kept, Duration::from_secs(5)),
+                Verdict::Violation { .. }
+            ),
+            "revoke must delete attached keys"
+        );
+    }
 }

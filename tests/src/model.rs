@@ -2,7 +2,7 @@
 //! per key, its value, create/mod revision and version. Every write that changes something bumps
 //! the revision by one, as in etcd, and every response that reports a revision must match.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::history::{Input, Key, Output};
 
@@ -17,6 +17,8 @@ pub struct Entry {
     pub mod_revision: i64,
     /// Version.
     pub version: i64,
+    /// Attached lease, 0 for none.
+    pub lease: i64,
 }
 
 /// Model state.
@@ -26,6 +28,8 @@ pub struct KvState {
     pub revision: i64,
     /// Live keys.
     pub keys: BTreeMap<Key, Entry>,
+    /// Live leases.
+    pub leases: BTreeSet<i64>,
 }
 
 impl Default for KvState {
@@ -33,12 +37,13 @@ impl Default for KvState {
         Self {
             revision: 1,
             keys: BTreeMap::new(),
+            leases: BTreeSet::new(),
         }
     }
 }
 
 impl KvState {
-    fn put(&mut self, key: Key, value: u64) {
+    fn put(&mut self, key: Key, value: u64, lease: i64) {
         self.revision += 1;
         let rev = self.revision;
         let e = self.keys.entry(key).or_insert(Entry {
@@ -46,10 +51,12 @@ impl KvState {
             create_revision: rev,
             mod_revision: rev,
             version: 0,
+            lease,
         });
         e.value = value;
         e.mod_revision = rev;
         e.version += 1;
+        e.lease = lease;
     }
 
     /// Applies `input`; returns the new state when `output` is what this state would answer.
@@ -70,9 +77,40 @@ impl KvState {
                 revision: self.revision,
             },
             Input::Put(k, v) => {
-                next.put(*k, *v);
+                next.put(*k, *v, 0);
                 Output::Put {
                     revision: next.revision,
+                }
+            }
+            Input::PutWithLease(k, v, lease) => {
+                if self.leases.contains(lease) {
+                    next.put(*k, *v, *lease);
+                    Output::Put {
+                        revision: next.revision,
+                    }
+                } else {
+                    Output::LeaseNotFound
+                }
+            }
+            Input::LeaseGrant(id) => {
+                // IDs are unique per run, so a grant never collides.
+                next.leases.insert(*id);
+                Output::Lease {
+                    revision: self.revision,
+                }
+            }
+            Input::LeaseRevoke(id) => {
+                if next.leases.remove(id) {
+                    let before = next.keys.len();
+                    next.keys.retain(|_, e| e.lease != *id);
+                    if next.keys.len() != before {
+                        next.revision += 1;
+                    }
+                    Output::Lease {
+                        revision: next.revision,
+                    }
+                } else {
+                    Output::LeaseNotFound
                 }
             }
             Input::Delete(k) => {
@@ -93,7 +131,7 @@ impl KvState {
                 let current = self.keys.get(key).map_or(0, |e| e.mod_revision);
                 let succeeded = current == *expected_mod;
                 if succeeded {
-                    next.put(*key, *value);
+                    next.put(*key, *value, 0);
                 }
                 Output::CompareAndPut {
                     succeeded,

@@ -4,7 +4,7 @@
 //! fault timeline and the smallest failing sub-history.
 //!
 //! ```text
-//!  seed ─► clients (Get/Put/Delete/CAS/Count on 10 keys, unique values) ─► Recorder
+//!  seed ─► clients (Get/Put/Delete/CAS/Count/leases on 10 keys, unique values) ─► Recorder
 //!       ─► watches (prefix, from revision 1 / now / mid-run; resumed after breaks) ─► WatchLogs
 //!       ─► fault injector (kill -9 / SIGSTOP / SIGTERM / compaction) ─► timeline
 //!  stop ─► ground truth (history read from the data dir) ─► patch unknown writes ─► checks
@@ -27,6 +27,9 @@ const KEY_COUNT: u8 = 10;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Budget for the linearizability search.
 const CHECK_BUDGET: Duration = Duration::from_secs(120);
+/// TTL of traffic leases: they never expire during a run, so expiry (tested elsewhere) adds no
+/// wall-clock nondeterminism to the model.
+const LEASE_TTL_SECONDS: i64 = 3600;
 /// Prefix every key lives under.
 const PREFIX: &str = "k";
 
@@ -214,6 +217,8 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
     let mut client = None;
     let mut counter = 0u64;
     let mut known_mod = [0i64; KEY_COUNT as usize];
+    // Leases this client granted (some may be revoked: using them tests "lease not found").
+    let mut leases: Vec<i64> = Vec::new();
     while Instant::now() < until {
         if client.is_none() {
             client = connect(&endpoint).await;
@@ -226,16 +231,25 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
         let k = rng.below(u64::from(KEY_COUNT)) as u8;
         counter += 1;
         let value = ((id as u64 + 1) << 32) | counter;
-        let input = match rng.below(100) {
-            0..=29 => Input::Get(k),
-            30..=59 => Input::Put(k, value),
-            60..=69 => Input::Delete(k),
-            70..=84 => Input::CompareAndPut {
+        let lease = (!leases.is_empty()).then(|| leases[rng.below(leases.len() as u64) as usize]);
+        let input = match (rng.below(100), lease) {
+            (0..=26, _) => Input::Get(k),
+            (27..=51, _) => Input::Put(k, value),
+            (52..=59, _) => Input::Delete(k),
+            (60..=71, _) => Input::CompareAndPut {
                 key: k,
                 expected_mod: known_mod[k as usize],
                 value,
             },
-            _ => Input::CountAll,
+            (72..=79, _) => Input::CountAll,
+            (80..=84, _) | (85..=99, None) => {
+                let lease_id = ((id as i64 + 1) << 40) | counter as i64;
+                leases.push(lease_id);
+                Input::LeaseGrant(lease_id)
+            }
+            (85..=95, Some(l)) => Input::PutWithLease(k, value, l),
+            (_, Some(l)) => Input::LeaseRevoke(l),
+            (_, None) => Input::CountAll,
         };
         let call = rec.now();
         let result = tokio::time::timeout(REQUEST_TIMEOUT, execute(c, &input)).await;
@@ -277,7 +291,35 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
 
 async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::Error> {
     let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(0, |h| h.revision());
+    let lease_not_found = |e: &etcd_client::Error| {
+        matches!(e, etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::NotFound && s.message() == "etcdserver: requested lease not found")
+    };
     Ok(match input {
+        Input::LeaseGrant(id) => {
+            let opts = etcd_client::LeaseGrantOptions::new().with_id(*id);
+            let r = c.lease_grant(LEASE_TTL_SECONDS, Some(opts)).await?;
+            Output::Lease {
+                revision: rev(r.header()),
+            }
+        }
+        Input::PutWithLease(k, v, lease) => {
+            let opts = etcd_client::PutOptions::new().with_lease(*lease);
+            match c.put(key(*k), v.to_string(), Some(opts)).await {
+                Ok(r) => Output::Put {
+                    revision: rev(r.header()),
+                },
+                Err(e) if lease_not_found(&e) => Output::LeaseNotFound,
+                Err(e) => return Err(e),
+            }
+        }
+        Input::LeaseRevoke(id) => match c.lease_revoke(*id).await {
+            Ok(r) => Output::Lease {
+                revision: rev(r.header()),
+            },
+            Err(e) if lease_not_found(&e) => Output::LeaseNotFound,
+            Err(e) => return Err(e),
+        },
         Input::Get(k) => {
             let r = c.get(key(*k), None).await?;
             let kv = r.kvs().first();
@@ -649,7 +691,7 @@ fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
             return true;
         }
         match op.input {
-            Input::Put(_, v) => match committed(v) {
+            Input::Put(_, v) | Input::PutWithLease(_, v, _) => match committed(v) {
                 Some(revision) => {
                     op.output = Output::Put { revision };
                     true
@@ -684,7 +726,7 @@ fn lost_writes(ops: &[Op], truth: &Truth) -> Vec<String> {
             _ => false,
         })
         .filter_map(|o| match (&o.input, &o.output) {
-            (Input::Put(k, v), Output::Put { revision })
+            (Input::Put(k, v) | Input::PutWithLease(k, v, _), Output::Put { revision })
             | (
                 Input::CompareAndPut {
                     key: k, value: v, ..
