@@ -162,7 +162,8 @@ impl Node {
 
     /// `(committed index, applied index)`.
     pub fn raft_indexes(&self) -> (u64, u64) {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let applied = m.last_applied.map_or(0, |l| l.index);
         let committed = m.last_log_index.unwrap_or(0).max(applied);
         (committed, applied)

@@ -916,9 +916,7 @@ impl<'a> WriteTxn<'a> {
                     let lease = state.lessor.get(*id).ok_or(Error::LeaseNotFound)?;
                     lease.keys.iter().cloned().collect::<Vec<_>>()
                 };
-                for key in keys {
-                    self.delete_keys(std::slice::from_ref(&key), false)?;
-                }
+                self.delete_keys(&keys)?;
                 self.batch
                     .remove(&self.store.lease, id.to_be_bytes().to_vec());
                 self.lease_remove = Some(*id);
@@ -1037,7 +1035,7 @@ impl<'a> WriteTxn<'a> {
     }
 
     /// Deletes the given live keys (already known to exist or not); returns the deleted kvs.
-    fn delete_keys(&mut self, keys_to_delete: &[Vec<u8>], _prev: bool) -> Result<Vec<KeyValue>> {
+    fn delete_keys(&mut self, keys_to_delete: &[Vec<u8>]) -> Result<Vec<KeyValue>> {
         let mut deleted = Vec::new();
         for key in keys_to_delete {
             let Some(prev) = self.get_latest(key)? else {
@@ -1097,7 +1095,7 @@ impl<'a> WriteTxn<'a> {
     fn delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(&d.key, &d.range_end);
         let keys = self.live_keys_in(&range)?;
-        let deleted = self.delete_keys(&keys, d.prev_kv)?;
+        let deleted = self.delete_keys(&keys)?;
         Ok(DeleteRangeResponse {
             revision: self.read_revision(),
             deleted: deleted.len() as i64,

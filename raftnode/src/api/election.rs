@@ -82,7 +82,7 @@ impl Election for ElectionService {
         let prefix = prefix_of(&req.name);
         let mut key = prefix.clone();
         key.extend_from_slice(format!("{:x}", req.lease).as_bytes());
-        let (rev, _) = create_owned_key(&self.node, &key, &req.value, req.lease).await?;
+        let rev = create_owned_key(&self.node, &key, &req.value, req.lease).await?;
         let leader = LeaderKey {
             name: req.name.clone(),
             key: key.clone(),

@@ -36,7 +36,6 @@ impl Kv for KvService {
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let req = req.into_inner();
         let serializable = req.serializable;
-        #[allow(unused_mut)]
         let mut r = range_from_pb(req)?;
         if !serializable {
             self.node.read_barrier().await?;

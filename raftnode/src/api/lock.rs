@@ -19,14 +19,14 @@ pub struct LockService {
     pub(crate) node: Arc<Node>,
 }
 
-/// Creates `key` under `lease` unless it exists; returns its create revision and the revision
-/// of the write (etcd's `Txn If create_revision(key) == 0 Then Put Else Get`).
+/// Creates `key` under `lease` unless it exists; returns its create revision (etcd's
+/// `Txn If create_revision(key) == 0 Then Put Else Get`).
 pub(crate) async fn create_owned_key(
     node: &Node,
     key: &[u8],
     value: &[u8],
     lease: i64,
-) -> Result<(i64, i64), Status> {
+) -> Result<i64, Status> {
     let put = st::PutRequest {
         key: key.to_vec(),
         value: value.to_vec(),
@@ -58,7 +58,7 @@ pub(crate) async fn create_owned_key(
         _ => None,
     });
     let created = created.ok_or_else(|| Status::internal("owned key vanished"))?;
-    Ok((created, resp.revision))
+    Ok(created)
 }
 
 /// Waits until no key under `prefix` has a create revision below `my_rev`.
@@ -132,7 +132,7 @@ impl Lock for LockService {
         key.extend_from_slice(format!("{:x}", req.lease).as_bytes());
         let mut prefix = req.name;
         prefix.push(b'/');
-        let (my_rev, _) = create_owned_key(&self.node, &key, b"", req.lease).await?;
+        let my_rev = create_owned_key(&self.node, &key, b"", req.lease).await?;
         // If the caller gives up while waiting, release the key as etcd's mutex does.
         let guard = ReleaseOnDrop {
             node: Some(self.node.clone()),
