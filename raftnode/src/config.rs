@@ -59,6 +59,23 @@ pub struct Config {
         default_value = "keyhold-cluster"
     )]
     pub initial_cluster_token: String,
+    /// Peer TLS certificate (PEM). With `--peer-key-file` and `--peer-trusted-ca-file`, peers
+    /// use mutual TLS.
+    #[arg(long, env = "KEYHOLD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Peer TLS private key (PEM).
+    #[arg(long, env = "KEYHOLD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) peers' certificates must chain to.
+    #[arg(long, env = "KEYHOLD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Certificate revocation list (PEM) checked against peers' client certificates.
+    #[arg(long, env = "KEYHOLD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
+    /// Self-signed peer certificates, peers unauthenticated (the default when no peer
+    /// certificate files are given; for trial clusters).
+    #[arg(long, env = "KEYHOLD_PEER_AUTO_TLS")]
+    pub peer_auto_tls: bool,
     /// Raft heartbeat interval in ms.
     #[arg(long, env = "KEYHOLD_HEARTBEAT_INTERVAL", default_value_t = 100)]
     pub heartbeat_interval: u64,
@@ -116,6 +133,12 @@ pub struct ValidConfig {
     pub advertise_client_urls: Vec<String>,
     /// Advertised peer URLs.
     pub advertise_peer_urls: Vec<String>,
+    /// Peer (QUIC) listen address.
+    pub listen_peer: SocketAddr,
+    /// Peer TLS.
+    pub peer_tls: PeerTlsConfig,
+    /// Whether this member joins an existing cluster (`--initial-cluster-state existing`).
+    pub join_existing: bool,
     /// Initial cluster members `(name, peer URLs)`.
     pub initial_cluster: Vec<(String, Vec<String>)>,
     /// Cluster token.
@@ -138,6 +161,24 @@ pub struct ValidConfig {
     pub log_level: String,
     /// Dump history and exit.
     pub debug_dump_history: bool,
+}
+
+/// How peers secure QUIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerTlsConfig {
+    /// Self-signed certificate, peers not verified.
+    Auto,
+    /// Mutual TLS from files.
+    Files {
+        /// Certificate chain (PEM).
+        cert: PathBuf,
+        /// Private key (PEM).
+        key: PathBuf,
+        /// Trusted CA bundle (PEM).
+        trusted_ca: PathBuf,
+        /// Revocation list (PEM).
+        crl: Option<PathBuf>,
+    },
 }
 
 /// Auto compaction policy.
@@ -251,11 +292,51 @@ impl Config {
                 self.name
             )));
         }
-        if initial_cluster.len() > 1 {
-            return Err(ConfigError::Invalid(
-                "multi-member clusters are not supported yet (see README: compatibility)".into(),
-            ));
+        let me = initial_cluster.iter().find(|(n, _)| n == &self.name);
+        if me.is_some_and(|(_, urls)| {
+            let (mut a, mut b) = (urls.clone(), advertise_peer_urls.clone());
+            a.sort();
+            b.sort();
+            a != b
+        }) {
+            return Err(ConfigError::InitialCluster(format!(
+                "member {:?} has peer URLs {:?} in --initial-cluster but advertises {:?}",
+                self.name,
+                me.map(|m| &m.1),
+                advertise_peer_urls
+            )));
         }
+        let listen_peer_urls = split_urls(&self.listen_peer_urls);
+        let listen_peer = match listen_peer_urls.as_slice() {
+            [one] => parse_url(one)?,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "--listen-peer-urls takes exactly one URL (one QUIC endpoint)".into(),
+                ));
+            }
+        };
+        let peer_tls = match (
+            self.peer_cert_file,
+            self.peer_key_file,
+            self.peer_trusted_ca_file,
+        ) {
+            (None, None, None) => PeerTlsConfig::Auto,
+            (Some(cert), Some(key), Some(trusted_ca)) if !self.peer_auto_tls => {
+                PeerTlsConfig::Files {
+                    cert,
+                    key,
+                    trusted_ca,
+                    crl: self.peer_crl_file,
+                }
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "peer TLS needs all of --peer-cert-file, --peer-key-file and \
+                     --peer-trusted-ca-file (or none of them, and --peer-auto-tls)"
+                        .into(),
+                ));
+            }
+        };
         if self.initial_cluster_state != "new" && self.initial_cluster_state != "existing" {
             return Err(ConfigError::Invalid(format!(
                 "--initial-cluster-state must be new or existing, not {:?}",
@@ -308,6 +389,9 @@ impl Config {
             listen_client,
             advertise_client_urls,
             advertise_peer_urls,
+            listen_peer,
+            peer_tls,
+            join_existing: self.initial_cluster_state == "existing",
             initial_cluster,
             cluster_token: self.initial_cluster_token,
             heartbeat: Duration::from_millis(self.heartbeat_interval),

@@ -2,7 +2,7 @@
 //! `api::status` (the single table).
 
 /// Errors of the node (beyond the store's own).
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// A store domain or storage error.
     #[error(transparent)]
@@ -31,6 +31,33 @@ pub enum Error {
     /// MoveLeader to a member that cannot lead.
     #[error("etcdserver: bad leader transferee")]
     BadLeaderTransferee,
+    /// The leader could not be reached (the request never left this member).
+    #[error("etcdserver: no leader")]
+    LeaderUnreachable,
+    /// A learner received what etcd learners refuse.
+    #[error("etcdserver: rpc not supported for learner")]
+    LearnerNotSupported,
+    /// No member with that ID.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// Another member already has one of the peer URLs.
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    /// A member with that ID already exists.
+    #[error("etcdserver: member ID already exist")]
+    MemberIdExists,
+    /// MemberPromote of a voter.
+    #[error("etcdserver: can only promote a learner member")]
+    NotLearner,
+    /// MemberPromote of a learner that lags the leader.
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// MemberAdd of a learner when the cluster has `LEARNERS_MAX` already.
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    /// Peer URLs that do not parse.
+    #[error("etcdserver: given member URLs are invalid")]
+    InvalidPeerUrls,
     /// Anything unexpected; the message is passed through.
     #[error("{0}")]
     Internal(String),

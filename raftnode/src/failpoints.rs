@@ -26,3 +26,48 @@ pub fn enabled(name: &str) -> bool {
 pub fn enabled(_name: &str) -> bool {
     false
 }
+
+/// Test-only HTTP routes (only in builds with the `failpoints` feature):
+/// `POST /debug/peer-faults?drop_to=ID,...&drop_from=ID,...` (member IDs in hex) makes this
+/// member drop peer traffic to and from those members, a partition without root; an empty query
+/// heals it. Returns the member IDs it now drops.
+#[cfg(feature = "failpoints")]
+pub fn router(node: std::sync::Arc<crate::node::Node>) -> axum::Router {
+    use std::collections::{HashMap, HashSet};
+
+    use axum::extract::{Query, State};
+    use axum::http::StatusCode;
+
+    async fn peer_faults(
+        State(node): State<std::sync::Arc<crate::node::Node>>,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> (StatusCode, String) {
+        let parse = |name: &str| -> Result<HashSet<u64>, String> {
+            q.get(name)
+                .map(String::as_str)
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| u64::from_str_radix(s, 16).map_err(|e| format!("{name}: {s:?}: {e}")))
+                .collect()
+        };
+        match (parse("drop_to"), parse("drop_from")) {
+            (Ok(to), Ok(from)) => {
+                tracing::warn!(?to, ?from, "test fault: dropping peer traffic");
+                let body = format!("drop_to={to:x?} drop_from={from:x?}");
+                node.peers.faults.set(to, from);
+                (StatusCode::OK, body)
+            }
+            (Err(e), _) | (_, Err(e)) => (StatusCode::BAD_REQUEST, e),
+        }
+    }
+    axum::Router::new()
+        .route("/debug/peer-faults", axum::routing::post(peer_faults))
+        .with_state(node)
+}
+
+/// No test-only routes without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+pub fn router(_node: std::sync::Arc<crate::node::Node>) -> axum::Router {
+    axum::Router::new()
+}

@@ -105,6 +105,8 @@ fn refresh_gauges(node: &Node) {
     metrics::gauge!("etcd_debugging_lease_total")
         .set(node.store.with_lessor(|l| l.ids().len()) as f64);
     metrics::gauge!("etcd_server_version", "server_version" => ETCD_COMPAT_VERSION).set(1.0);
+    metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", node.member_id)).set(1.0);
+    metrics::gauge!("etcd_server_is_learner").set(if node.is_learner() { 1.0 } else { 0.0 });
     metrics::gauge!("keyhold_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 

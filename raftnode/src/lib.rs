@@ -8,6 +8,8 @@
 //!   network.
 //! - [`api`]: one file per etcd gRPC service, the error → status table, response headers.
 //! - [`http`]: `/metrics`, `/health`, `/version` on the client port.
+//! - [`peer`]: the QUIC peer plane (raft, forwarded requests, snapshots).
+//! - [`membership`]: etcd's member operations on raft membership.
 //! - [`ids`]: member and cluster IDs derived as etcd derives them.
 //! - [`clock`]: the monotonic clock handed to the store.
 //! - [`failpoints`]: test-only faults (cargo feature `failpoints`).
@@ -19,5 +21,7 @@ pub mod error;
 pub mod failpoints;
 pub mod http;
 pub mod ids;
+pub mod membership;
 pub mod node;
+pub mod peer;
 pub mod raft;

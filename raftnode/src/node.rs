@@ -10,18 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyhold_store::{KvStore, StoreOptions, WriteRequest, WriteResponse};
+use openraft::SnapshotPolicy;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::{BasicNode, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, blocking};
-use crate::config::{AutoCompaction, ValidConfig};
+use crate::config::{AutoCompaction, ValidConfig, parse_url};
 use crate::error::{Error, Result};
+use crate::peer::wire::{PeerRequest, PeerResponse};
+use crate::peer::{PeerError, Peers};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Applied, Proposal, Raft};
+use crate::raft::{Applied, Member, Proposal, Raft};
 
 /// Etcd version reported by Status and `/version`, so version-gated clients work.
 pub const ETCD_COMPAT_VERSION: &str = "3.7.0";
@@ -37,6 +39,16 @@ const LEASE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
 const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000;
 /// Entries kept in the log after a snapshot, for slightly lagging followers.
 const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 200;
+/// Entries per append-entries message (each up to ~6 MiB; see `peer::wire::FRAME_BYTES_MAX`).
+const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 16;
+/// Linearizable reads waiting for the next read-index round.
+const READ_INDEX_QUEUE_MAX: usize = 4096;
+/// Meta key of the cluster ID, learned at bootstrap or from a peer when joining.
+const META_CLUSTER_ID: &[u8] = b"member/cluster_id";
+/// How long a joining member keeps asking peers for the cluster ID before giving up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Retry interval of a member publishing its name and client URLs.
+pub(crate) const PUBLISH_RETRY: Duration = Duration::from_millis(100);
 /// Block cache of the store.
 const STORE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Journal bytes the store keeps before flushing memtables; bounds what a restart after a crash
@@ -61,6 +73,10 @@ pub struct Node {
     pub shutdown: watch::Receiver<bool>,
     /// Writes waiting for the proposer task.
     proposals: mpsc::Sender<Pending>,
+    /// Linearizable reads waiting for a read index.
+    reads: mpsc::Sender<oneshot::Sender<Result<u64>>>,
+    /// The peer plane.
+    pub peers: Arc<Peers>,
 }
 
 /// A write waiting to be proposed, with where its outcome goes.
@@ -77,7 +93,7 @@ const PROPOSAL_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// into the next batch.
 const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 
-fn client_write_error(e: ClientWriteError<u64, BasicNode>) -> Error {
+fn client_write_error(e: ClientWriteError<u64, Member>) -> Error {
     match e {
         ClientWriteError::ForwardToLeader(f) => {
             if f.leader_id.is_none() {
@@ -90,9 +106,128 @@ fn client_write_error(e: ClientWriteError<u64, BasicNode>) -> Error {
     }
 }
 
+/// Routes work to the leader: proposes locally when this member leads, forwards over the peer
+/// plane otherwise.
+#[derive(Clone)]
+struct Router {
+    raft: Raft,
+    peers: Arc<Peers>,
+    me: u64,
+    timeout: Duration,
+}
+
+impl Router {
+    fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The leader's ID and peer address.
+    fn leader_addr(&self) -> Result<(u64, std::net::SocketAddr)> {
+        let leader = self.leader().ok_or(Error::NoLeader)?;
+        let addr = member_addr(&self.raft, leader).ok_or(Error::NoLeader)?;
+        Ok((leader, addr))
+    }
+
+    /// Sends `request` to the leader. When raft learns of another leader (or loses the one it
+    /// had) before the answer arrives, the call ends with `leader changed` at once instead of
+    /// waiting out the timeout on a leader that may be dead.
+    async fn to_leader(&self, request: PeerRequest) -> Result<PeerResponse> {
+        let (leader, addr) = self.leader_addr()?;
+        let mut metrics = self.raft.metrics();
+        let deposed = async move {
+            let _ = metrics.wait_for(|m| m.current_leader != Some(leader)).await;
+        };
+        let call = self.peers.call(leader, addr, request, self.timeout);
+        tokio::select! {
+            r = call => match r {
+                Ok(r) => Ok(r),
+                Err(PeerError::Remote(e)) => Err(e),
+                // Whether a forwarded request ran is unknown: as a proposal that timed out.
+                Err(PeerError::Failed(..)) => Err(Error::Timeout),
+                Err(PeerError::Unreachable(..)) => Err(Error::LeaderUnreachable),
+            },
+            _ = deposed => Err(Error::LeaderChanged),
+        }
+    }
+
+    /// Proposes `proposal` (forwarding it when this member does not lead) and returns what
+    /// applying it produced, once this member has applied it too (so a serializable read here
+    /// sees the write).
+    async fn submit(&self, proposal: Proposal) -> Result<Applied> {
+        if self.leader() == Some(self.me) {
+            let rx = self
+                .raft
+                .client_write_ff(proposal)
+                .await
+                .map_err(|_| Error::Stopped)?;
+            return match rx.await {
+                Err(_) => Err(Error::Stopped),
+                Ok(Err(e)) => Err(client_write_error(e)),
+                Ok(Ok(r)) => Ok(r.data),
+            };
+        }
+        match self.to_leader(PeerRequest::Forward(proposal)).await? {
+            PeerResponse::Forward { index, applied } => {
+                self.wait_applied(index).await?;
+                Ok(applied)
+            }
+            other => Err(Error::Internal(format!("leader answered {other:?}"))),
+        }
+    }
+
+    /// Waits until this member has applied `index`.
+    async fn wait_applied(&self, index: u64) -> Result<()> {
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "read or forwarded write")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => Error::Timeout,
+                openraft::metrics::WaitError::ShuttingDown => Error::Stopped,
+            })
+    }
+
+    /// A read index confirmed by a quorum: from raft when this member leads, from the leader
+    /// otherwise.
+    async fn read_index(&self) -> Result<u64> {
+        if self.leader() == Some(self.me) {
+            return leader_read_index(&self.raft).await;
+        }
+        match self.to_leader(PeerRequest::ReadIndex).await? {
+            PeerResponse::ReadIndex(i) => Ok(i),
+            other => Err(Error::Internal(format!("leader answered {other:?}"))),
+        }
+    }
+}
+
+/// The read index on the leader (a heartbeat round confirms leadership; never a log append).
+async fn leader_read_index(raft: &Raft) -> Result<u64> {
+    match raft.get_read_log_id().await {
+        Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+            Err(if f.leader_id.is_some() {
+                Error::LeaderChanged
+            } else {
+                Error::NoLeader
+            })
+        }
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(Error::Timeout),
+        Err(RaftError::Fatal(_)) => Err(Error::Stopped),
+    }
+}
+
+/// The peer address of member `id` from the current membership.
+fn member_addr(raft: &Raft, id: u64) -> Option<std::net::SocketAddr> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let member = m.membership_config.membership().get_node(&id)?;
+    member.peer_urls.first().and_then(|u| parse_url(u).ok())
+}
+
 /// Batches queued writes into raft entries: one entry per batch, at most
 /// `PROPOSALS_IN_FLIGHT_MAX` in flight, submitted in queue order.
-async fn proposer(raft: Raft, mut queue: mpsc::Receiver<Pending>) {
+async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -106,17 +241,9 @@ async fn proposer(raft: Raft, mut queue: mpsc::Receiver<Pending>) {
             batch.push(next);
         }
         let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let submitted = raft.client_write_ff(Proposal { writes }).await;
+        let router = router.clone();
         tokio::spawn(async move {
-            let outcome = match submitted {
-                Err(_) => Err(Error::Stopped),
-                Ok(rx) => match rx.await {
-                    Err(_) => Err(Error::Stopped),
-                    Ok(Err(e)) => Err(client_write_error(e)),
-                    Ok(Ok(r)) => Ok(r.data),
-                },
-            };
-            match outcome {
+            match router.submit(Proposal { writes }).await {
                 Ok(Applied::Writes(results)) if results.len() == waiters.len() => {
                     for (w, r) in waiters.into_iter().zip(results) {
                         let _ = w.send(r.map_err(Error::Store));
@@ -136,6 +263,21 @@ async fn proposer(raft: Raft, mut queue: mpsc::Receiver<Pending>) {
             }
             drop(permit);
         });
+    }
+}
+
+/// Serves linearizable reads in rounds: every read queued when a round starts shares that
+/// round's read index (one quorum confirmation for many reads, as etcd batches ReadIndex).
+async fn read_indexer(router: Router, mut queue: mpsc::Receiver<oneshot::Sender<Result<u64>>>) {
+    while let Some(first) = queue.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(next) = queue.try_recv() {
+            waiters.push(next);
+        }
+        let index = router.read_index().await;
+        for w in waiters {
+            let _ = w.send(index.clone());
+        }
     }
 }
 
@@ -198,48 +340,162 @@ impl Node {
     }
 
     /// ReadIndex barrier: returns once this member has applied everything committed when the
-    /// call started, confirmed by a quorum. Never appends to the log.
+    /// call started, confirmed by a quorum (through the leader when this member follows).
+    /// Never appends to the log.
     ///
     /// # Errors
-    /// `NoLeader`, `Timeout`, `Stopped`.
+    /// `NoLeader`, `Timeout`, `Stopped`, `LearnerNotSupported`.
     pub async fn read_barrier(&self) -> Result<()> {
-        let barrier = self.raft.ensure_linearizable();
+        self.refuse_learner()?;
+        let barrier = async {
+            let (tx, rx) = oneshot::channel();
+            self.reads.send(tx).await.map_err(|_| Error::Stopped)?;
+            let index = rx.await.map_err(|_| Error::Stopped)??;
+            self.router().wait_applied(index).await
+        };
         match tokio::time::timeout(self.request_timeout(), barrier).await {
             Err(_) => Err(Error::Timeout),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                Err(Error::NoLeader)
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                Err(Error::Timeout)
-            }
+            Ok(r) => r,
+        }
+    }
+
+    fn router(&self) -> Router {
+        Router {
+            raft: self.raft.clone(),
+            peers: self.peers.clone(),
+            me: self.member_id,
+            timeout: self.request_timeout(),
+        }
+    }
+
+    /// Whether this member is a learner (it does not vote, and refuses what etcd learners
+    /// refuse).
+    pub fn is_learner(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        membership.get_node(&self.member_id).is_some()
+            && !membership.voter_ids().any(|id| id == self.member_id)
+    }
+
+    /// etcd learners serve only serializable reads and maintenance status.
+    ///
+    /// # Errors
+    /// `LearnerNotSupported` on a learner.
+    pub fn refuse_learner(&self) -> Result<()> {
+        if self.is_learner() {
+            return Err(Error::LearnerNotSupported);
+        }
+        Ok(())
+    }
+
+    /// Sends `request` to the leader over the peer plane.
+    ///
+    /// # Errors
+    /// `NoLeader`, `Timeout`, or the leader's error.
+    pub async fn to_leader(&self, request: PeerRequest) -> Result<PeerResponse> {
+        self.router().to_leader(request).await
+    }
+
+    /// Leader side of a forwarded proposal: proposes it and returns the entry's index and
+    /// outcome.
+    ///
+    /// # Errors
+    /// `NotLeader`/`LeaderChanged` when this member does not lead, `Timeout`.
+    pub async fn lead_proposal(&self, proposal: Proposal) -> Result<(u64, Applied)> {
+        if !self.is_leader() {
+            return Err(Error::LeaderChanged);
+        }
+        match tokio::time::timeout(self.request_timeout(), self.raft.client_write(proposal)).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
+            Ok(Err(RaftError::APIError(e))) => Err(client_write_error(e)),
             Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
         }
     }
 
-    /// Proposes a compaction; once applied, reclaims the compacted history's disk space in the
-    /// background (so no defragment is needed to get it back).
+    /// Leader side of a follower's read index.
+    ///
+    /// # Errors
+    /// `LeaderChanged`, `NoLeader`, `Timeout`.
+    pub async fn lead_read_index(&self) -> Result<u64> {
+        leader_read_index(&self.raft).await
+    }
+
+    /// Renews a lease on the leader: remaining TTL, 0 when unknown or expired.
+    ///
+    /// # Errors
+    /// `LeaderChanged` when this member does not lead.
+    pub fn lead_lease_renew(&self, id: i64) -> Result<i64> {
+        if !self.is_leader() {
+            return Err(Error::LeaderChanged);
+        }
+        self.promote_lessor_if_leading();
+        let now = self.clock.now_ms();
+        Ok(self.store.with_lessor(|l| l.renew(id, now)).unwrap_or(0))
+    }
+
+    /// Remaining TTL of a lease as the leader (the only member that expires leases) sees it.
+    ///
+    /// # Errors
+    /// `LeaderChanged` when this member does not lead.
+    pub fn lead_lease_remaining(&self, id: i64) -> Result<Option<i64>> {
+        if !self.is_leader() {
+            return Err(Error::LeaderChanged);
+        }
+        self.promote_lessor_if_leading();
+        let now = self.clock.now_ms();
+        Ok(self.store.with_lessor(|l| l.remaining_seconds(id, now)))
+    }
+
+    /// Renews a lease wherever this member is: locally on the leader, through the leader
+    /// otherwise.
+    ///
+    /// # Errors
+    /// `NoLeader`, `Timeout`, `LeaderChanged`.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        if self.is_leader() {
+            return self.lead_lease_renew(id);
+        }
+        match self.to_leader(PeerRequest::LeaseRenew { id }).await? {
+            PeerResponse::LeaseRenew(ttl) => Ok(ttl),
+            other => Err(Error::Internal(format!("leader answered {other:?}"))),
+        }
+    }
+
+    /// Remaining TTL of a lease, from the leader.
+    ///
+    /// # Errors
+    /// `NoLeader`, `Timeout`, `LeaderChanged`.
+    pub async fn lease_remaining(&self, id: i64) -> Result<Option<i64>> {
+        if self.is_leader() {
+            return self.lead_lease_remaining(id);
+        }
+        match self.to_leader(PeerRequest::LeaseRemaining { id }).await? {
+            PeerResponse::LeaseRemaining(ttl) => Ok(ttl),
+            other => Err(Error::Internal(format!("leader answered {other:?}"))),
+        }
+    }
+
+    /// Makes the lessor primary as soon as this member leads (the lessor driver also does,
+    /// on its tick), so keepalives reaching a new leader renew real deadlines.
+    fn promote_lessor_if_leading(&self) {
+        let now = self.clock.now_ms();
+        let extend = self.config.election_timeout.as_millis() as u64;
+        self.store.with_lessor(|l| {
+            if !l.is_primary() {
+                l.promote(now, extend);
+            }
+        });
+    }
+
+    /// Proposes a compaction. Every member reclaims the compacted history's disk space in the
+    /// background once it has applied it (see `reclaim_driver`), so no defragment is needed.
     ///
     /// # Errors
     /// As [`Node::propose`].
     pub async fn compact(&self, revision: i64) -> Result<WriteResponse> {
-        let resp = self.propose(WriteRequest::Compact { revision }).await?;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let (before, started) = (store.size_bytes(), std::time::Instant::now());
-            match store.reclaim_compacted() {
-                Ok(false) => {}
-                Ok(true) => tracing::info!(
-                    revision,
-                    before_bytes = before,
-                    after_bytes = store.size_bytes(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "reclaimed compacted history"
-                ),
-                Err(e) => tracing::warn!(error = %e, "reclaiming compacted history"),
-            }
-        });
-        Ok(resp)
+        self.propose(WriteRequest::Compact { revision }).await
     }
 
     /// Runs blocking store work.
@@ -266,15 +522,24 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     let store = Arc::new(KvStore::with_database(db, options)?);
     let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
     let clock = Clock::default();
-    let sm = StateMachine::new(store.clone(), config.data_dir.join("snap"), clock)?;
+    let compacted = Arc::new(tokio::sync::Notify::new());
+    let sm = StateMachine::new(
+        store.clone(),
+        config.data_dir.join("snap"),
+        clock,
+        compacted.clone(),
+    )?;
 
-    let member_ids: Vec<u64> = config
-        .initial_cluster
-        .iter()
-        .map(|(_, urls)| crate::ids::member_id(urls, &config.cluster_token))
-        .collect();
     let member_id = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
-    let cluster_id = crate::ids::cluster_id(&member_ids);
+    let hosts: Vec<String> = config
+        .advertise_peer_urls
+        .iter()
+        .filter_map(|u| parse_url(u).ok())
+        .map(|a| a.ip().to_string())
+        .collect();
+    let tls = crate::peer::tls::build(&config.peer_tls, &hosts)?;
+    let (peers, endpoint) = Peers::bind(member_id, config.listen_peer, tls)?;
+    tracing::info!(addr = %config.listen_peer, "serving peer traffic (QUIC)");
 
     let election_ms = config.election_timeout.as_millis() as u64;
     let raft_config = openraft::Config {
@@ -284,22 +549,18 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         election_timeout_max: election_ms * 2,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
         max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+        max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
         ..Default::default()
     }
     .validate()?;
-    let raft = Raft::new(member_id, Arc::new(raft_config), Network, log_store, sm).await?;
-    if !raft.is_initialized().await? {
-        let mut members = BTreeMap::new();
-        for (_, urls) in &config.initial_cluster {
-            let id = crate::ids::member_id(urls, &config.cluster_token);
-            members.insert(id, BasicNode::new(urls.join(",")));
-        }
-        raft.initialize(members).await?;
-    }
+    let network = Network::new(peers.clone(), store.clone());
+    let raft = Raft::new(member_id, Arc::new(raft_config), network, log_store, sm).await?;
+    let cluster_id = cluster_id(&config, &store, &raft, &peers).await?;
+    peers.set_cluster_id(cluster_id);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE_MAX);
-    let proposer_task = tokio::spawn(proposer(raft.clone(), queue));
+    let (reads, read_queue) = mpsc::channel(READ_INDEX_QUEUE_MAX);
     let node = Arc::new(Node {
         config: config.clone(),
         store,
@@ -309,7 +570,10 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         clock,
         shutdown: shutdown_rx,
         proposals,
+        reads,
+        peers: peers.clone(),
     });
+    let peer_server = tokio::spawn(crate::peer::server::serve(endpoint, node.clone()));
     tracing::info!(
         name = %config.name,
         member_id = format!("{member_id:x}"),
@@ -320,11 +584,17 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     );
 
     let drivers = vec![
+        tokio::spawn(proposer(node.router(), queue)),
+        tokio::spawn(read_indexer(node.router(), read_queue)),
         tokio::spawn(lessor_driver(node.clone())),
         tokio::spawn(compaction_driver(node.clone())),
+        tokio::spawn(reclaim_driver(node.store.clone(), compacted)),
+        tokio::spawn(crate::membership::publish(node.clone())),
         tokio::spawn(crate::http::metrics_driver(node.clone())),
     ];
-    let router = crate::api::router(node.clone()).merge(crate::http::router(node.clone()));
+    let router = crate::api::router(node.clone())
+        .merge(crate::http::router(node.clone()))
+        .merge(crate::failpoints::router(node.clone()));
     let mut servers = Vec::new();
     for addr in &config.listen_client {
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -354,14 +624,113 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     for d in drivers {
         d.abort();
     }
-    proposer_task.abort();
     tracing::info!("shutting down: raft");
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    peers.close();
+    peer_server.abort();
     node.store.persist()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Initializes raft for a new cluster and settles the cluster ID: computed from the initial
+/// members for a new cluster, asked of the peers when joining an existing one, then kept in
+/// the store.
+async fn cluster_id(
+    config: &ValidConfig,
+    store: &KvStore,
+    raft: &Raft,
+    peers: &Peers,
+) -> anyhow::Result<u64> {
+    if let Some(b) = store.meta_get(META_CLUSTER_ID)?
+        && let Ok(bytes) = <[u8; 8]>::try_from(b.as_slice())
+    {
+        return Ok(u64::from_be_bytes(bytes));
+    }
+    let initialized = raft.is_initialized().await?;
+    let id = if config.join_existing {
+        if initialized {
+            anyhow::bail!("data dir has raft state but no cluster ID; remove it to join anew");
+        }
+        ask_cluster_id(config, peers).await?
+    } else {
+        let mut members = BTreeMap::new();
+        for (name, urls) in &config.initial_cluster {
+            let id = crate::ids::member_id(urls, &config.cluster_token);
+            let member = Member {
+                name: name.clone(),
+                peer_urls: urls.clone(),
+                client_urls: Vec::new(),
+            };
+            members.insert(id, member);
+        }
+        if !initialized {
+            // Every member of a new cluster initializes with the same membership; openraft
+            // accepts that, and the first election settles the leader.
+            raft.initialize(members.clone()).await?;
+        }
+        let ids: Vec<u64> = members.keys().copied().collect();
+        crate::ids::cluster_id(&ids)
+    };
+    store.meta_put(&[(META_CLUSTER_ID, &id.to_be_bytes())])?;
+    Ok(id)
+}
+
+/// A member joining an existing cluster learns the cluster ID from any reachable peer of
+/// `--initial-cluster`.
+async fn ask_cluster_id(config: &ValidConfig, peers: &Peers) -> anyhow::Result<u64> {
+    let me = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        for (_, urls) in &config.initial_cluster {
+            let id = crate::ids::member_id(urls, &config.cluster_token);
+            let Some(addr) = urls.first().and_then(|u| parse_url(u).ok()) else {
+                continue;
+            };
+            if id == me {
+                continue;
+            }
+            match peers
+                .call(id, addr, PeerRequest::Hello, Duration::from_secs(2))
+                .await
+            {
+                Ok(PeerResponse::Hello { cluster_id, .. }) if cluster_id != 0 => {
+                    return Ok(cluster_id);
+                }
+                other => {
+                    tracing::info!(peer = format!("{id:x}"), answer = ?other, "asking for the cluster ID")
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("no member of --initial-cluster answered within {JOIN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Reclaims compacted history on disk after each applied compaction, off the apply path.
+async fn reclaim_driver(store: Arc<KvStore>, compacted: Arc<tokio::sync::Notify>) {
+    loop {
+        compacted.notified().await;
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let (before, started) = (store.size_bytes(), std::time::Instant::now());
+            match store.reclaim_compacted() {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
+                    before_bytes = before,
+                    after_bytes = store.size_bytes(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "reclaimed compacted history"
+                ),
+                Err(e) => tracing::warn!(error = %e, "reclaiming compacted history"),
+            }
+        })
+        .await;
+    }
 }
 
 /// Prints every change in the data dir's history as one JSON object per line
@@ -413,22 +782,32 @@ async fn lessor_driver(node: Arc<Node>) {
     let mut tick = tokio::time::interval(LESSOR_TICK);
     let mut was_leader = false;
     let mut last_checkpoint = node.clock.now_ms();
+    let mut metrics = node.raft.metrics();
     loop {
-        tick.tick().await;
+        // Leadership changes are handled at once; expiry and checkpoints on the tick.
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+        };
         let now = node.clock.now_ms();
         let leader = node.is_leader();
         if leader != was_leader {
             let extend = node.config.election_timeout.as_millis() as u64;
             node.store.with_lessor(|l| {
-                if leader {
-                    l.promote(now, extend)
-                } else {
+                if !leader {
                     l.demote()
+                } else if !l.is_primary() {
+                    l.promote(now, extend)
                 }
             });
             was_leader = leader;
         }
-        if !leader {
+        if !leader || !ticked {
             continue;
         }
         let expired = node

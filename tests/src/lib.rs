@@ -4,6 +4,8 @@
 //! - [`process`]: starts the real `keyhold-node` binary on loopback ports chosen at run time, on
 //!   a temporary data dir, captures its log, kills it by PID on drop (also when a test panics);
 //!   faults: kill -9, SIGTERM, SIGSTOP/SIGCONT, restart on the same data dir.
+//! - [`cluster`]: N members as one cluster; partitions through the nodes' test-only transport
+//!   fault switch.
 //! - [`history`]: recorded operations (invoke/return times, outcomes, unknown outcomes).
 //! - [`model`]: the etcd KV model (revisions included) the checker steps through.
 //! - [`lin`]: a WGL linearizability checker with memoization.
@@ -13,6 +15,7 @@
 //! The binaries are found next to the test executable's `target/<profile>` directory (or in
 //! `$KEYHOLD_BIN_DIR`); `scripts/test` builds them first.
 
+pub mod cluster;
 pub mod history;
 pub mod lin;
 pub mod model;
@@ -20,4 +23,5 @@ pub mod process;
 pub mod robustness;
 pub mod watch_check;
 
+pub use cluster::Cluster;
 pub use process::{NodeProcess, etcdctl, etcdctl_stdin, free_port};

@@ -63,11 +63,14 @@ pub struct NodeProcess {
     child: Option<Child>,
     /// Client address (gRPC + HTTP).
     pub client: SocketAddr,
-    peer_port: u16,
+    /// Peer (QUIC) port on 127.0.0.1.
+    pub peer_port: u16,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     starts: u32,
+    /// Cluster flags (`--name`, `--initial-cluster`, ...) of a cluster member.
+    cluster_args: Vec<String>,
 }
 
 impl NodeProcess {
@@ -95,9 +98,39 @@ impl NodeProcess {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             starts: 0,
+            cluster_args: Vec::new(),
         };
         node.spawn();
         node
+    }
+
+    /// A cluster member's process, not started yet: `name`, the ports it will use, and the
+    /// cluster flags (see [`crate::cluster::Cluster`]).
+    pub fn member(
+        client_port: u16,
+        peer_port: u16,
+        cluster_args: Vec<String>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self {
+            child: None,
+            client: SocketAddr::from(([127, 0, 0, 1], client_port)),
+            peer_port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            starts: 0,
+            cluster_args,
+        }
+    }
+
+    /// `http://127.0.0.1:<peer port>`.
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     /// `127.0.0.1:port`, as etcd clients take endpoints.
@@ -126,6 +159,13 @@ impl NodeProcess {
     }
 
     fn spawn(&mut self) {
+        self.spawn_no_wait();
+        self.wait_ready();
+    }
+
+    /// Starts the process without waiting for it to be healthy (a cluster member is healthy
+    /// only once a quorum runs).
+    pub fn spawn_no_wait(&mut self) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
@@ -148,6 +188,7 @@ impl NodeProcess {
         } else {
             let mut c = Command::new(binary("keyhold-node"));
             c.args(&self.extra_args)
+                .args(&self.cluster_args)
                 .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
                 .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             c
@@ -167,7 +208,6 @@ impl NodeProcess {
             .spawn()
             .expect("spawn the node under test");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Waits until `/health` answers 200 (leader elected, linearizable read works).
@@ -233,6 +273,39 @@ impl NodeProcess {
         self.spawn();
     }
 
+    /// Starts the process again without waiting for health.
+    pub fn restart_no_wait(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn_no_wait();
+    }
+
+    /// Replaces the cluster flags (e.g. to start with `--initial-cluster-state existing`).
+    pub fn set_cluster_args(&mut self, args: Vec<String>) {
+        self.cluster_args = args;
+    }
+
+    /// POST `path` on the client port: `(status, body)`.
+    pub fn http_post(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_request(self.client, "POST", path)
+    }
+
+    /// A gauge from `/metrics` (the first sample whose name, labels included, starts with
+    /// `name`).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics").ok()?;
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+    }
+
+    /// This member's ID, from `/metrics`.
+    pub fn member_id(&self) -> Option<u64> {
+        let (_, body) = self.http_get("/metrics").ok()?;
+        let line = body.lines().find(|l| l.starts_with("etcd_server_id{"))?;
+        let id = line.split('"').nth(1)?;
+        u64::from_str_radix(id, 16).ok()
+    }
+
     /// Whether the process is running (not killed or stopped by the harness).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -289,11 +362,15 @@ fn unsafe_kill(pid: i32, sig: i32) -> i32 {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;

@@ -16,22 +16,33 @@ use crate::node::Node;
 
 /// Responses buffered per keepalive stream before the stream waits for the client.
 const KEEPALIVE_QUEUE_MAX: usize = 16;
+/// Pause before retrying a renewal that met a leader change.
+const KEEPALIVE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Lease service.
 pub struct LeaseService {
     pub(crate) node: Arc<Node>,
 }
 
-/// Renews lease `id` on the leader; TTL 0 when the lease is unknown or expired (not an error).
-fn keepalive(node: &Node, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
+/// Renews lease `id` on the leader (through it, on a follower); TTL 0 when the lease is
+/// unknown or expired (not an error).
+async fn keepalive(node: &Node, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
     // The header is filled before the renewal, so it never postdates a revoke.
     let h = current_header(node);
-    if !node.is_leader() {
-        return Err(Error::NoLeader.into());
+    // A renewal is idempotent, so one that meets a leader change is retried (within the request
+    // timeout) instead of ending the client's stream.
+    let deadline = tokio::time::Instant::now() + node.request_timeout();
+    loop {
+        match node.lease_renew(id).await {
+            Ok(ttl) => return Ok(pb::LeaseKeepAliveResponse { header: h, id, ttl }),
+            Err(
+                Error::NoLeader | Error::LeaderChanged | Error::LeaderUnreachable | Error::Timeout,
+            ) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(KEEPALIVE_RETRY).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    let now = node.clock.now_ms();
-    let ttl = node.store.with_lessor(|l| l.renew(id, now)).unwrap_or(0);
-    Ok(pb::LeaseKeepAliveResponse { header: h, id, ttl })
 }
 
 #[tonic::async_trait]
@@ -103,7 +114,7 @@ impl Lease for LeaseService {
                 };
                 // A client that half-closes after its last request still gets every answer.
                 let Some(Ok(msg)) = msg else { break };
-                let resp = keepalive(&node, msg.id);
+                let resp = keepalive(&node, msg.id).await;
                 let failed = resp.is_err();
                 if tx.send(resp).await.is_err() || failed {
                     break;
@@ -120,7 +131,8 @@ impl Lease for LeaseService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
         let h = current_header(&self.node);
-        let now = self.node.clock.now_ms();
+        // Only the leader knows the remaining TTL (followers hold no deadlines).
+        let remaining = self.node.lease_remaining(req.id).await?;
         let found = self.node.store.with_lessor(|l| {
             let lease = l.get(req.id)?;
             let keys = if req.keys {
@@ -128,11 +140,7 @@ impl Lease for LeaseService {
             } else {
                 Vec::new()
             };
-            Some((
-                l.remaining_seconds(req.id, now).unwrap_or(0),
-                lease.ttl,
-                keys,
-            ))
+            Some((remaining.unwrap_or(0), lease.ttl, keys))
         });
         let resp = match found {
             Some((ttl, granted_ttl, keys)) => pb::LeaseTimeToLiveResponse {

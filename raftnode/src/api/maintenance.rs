@@ -121,7 +121,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: applied,
             errors,
             db_size_in_use: node.store.size_in_use_bytes() as i64,
-            is_learner: false,
+            is_learner: node.is_learner(),
             storage_version: ETCD_COMPAT_VERSION.into(),
             db_size_quota: node.config.quota_bytes as i64,
             downgrade_info: Some(pb::DowngradeInfo::default()),
@@ -255,9 +255,18 @@ impl Maintenance for MaintenanceService {
         if !self.node.is_leader() {
             return Err(Error::NotLeader.into());
         }
-        // A single member is always its own leader; any other target is not a voter.
-        if req.into_inner().target_id != self.node.member_id {
+        let target = req.into_inner().target_id;
+        let voter = crate::membership::list(&self.node)
+            .iter()
+            .any(|m| m.id == target && !m.is_learner);
+        if !voter {
             return Err(Error::BadLeaderTransferee.into());
+        }
+        if target != self.node.member_id {
+            // openraft 0.9 has no leader transfer (TimeoutNow); 0.10 adds it.
+            return Err(Status::unimplemented(
+                "keyhold: moving leadership to another member is not supported yet",
+            ));
         }
         Ok(Response::new(pb::MoveLeaderResponse {
             header: current_header(&self.node),

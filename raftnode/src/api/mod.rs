@@ -79,6 +79,43 @@ pub async fn admit(node: &Node, cost: u64) -> Result<()> {
     }
 }
 
+/// RPCs a learner serves (Range only when serializable, checked by the read path).
+const LEARNER_ALLOWED: &[&str] = &[
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/Snapshot",
+];
+
+/// Checks every etcd RPC before its service sees it: `hasleader: true` metadata fails when no
+/// leader is known, and learners refuse what etcd learners refuse.
+async fn guard(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = req.uri().path();
+    let etcd_rpc = ["/etcdserverpb.", "/v3electionpb.", "/v3lockpb."]
+        .iter()
+        .any(|p| path.starts_with(p));
+    if etcd_rpc {
+        let require_leader = req
+            .headers()
+            .get("hasleader")
+            .is_some_and(|v| v.as_bytes() == b"true");
+        let refused = if require_leader && node.leader().is_none() {
+            Some(Error::NoLeader)
+        } else if !LEARNER_ALLOWED.contains(&path) && node.is_learner() {
+            Some(Error::LearnerNotSupported)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            return tonic::Status::from(e).into_http::<axum::body::Body>();
+        }
+    }
+    next.run(req).await
+}
+
 /// All gRPC services as an axum router (HTTP routes are merged in by the node).
 pub fn router(node: Arc<Node>) -> axum::Router {
     use keyhold_proto::etcdserverpb::{
@@ -120,7 +157,9 @@ pub fn router(node: Arc<Node>) -> axum::Router {
                 .max_decoding_message_size(max),
         )
         .add_service(
-            ElectionServer::new(election::ElectionService { node }).max_decoding_message_size(max),
+            ElectionServer::new(election::ElectionService { node: node.clone() })
+                .max_decoding_message_size(max),
         )
         .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(node, guard))
 }

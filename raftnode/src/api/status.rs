@@ -59,6 +59,36 @@ impl From<Error> for Status {
                 Code::FailedPrecondition,
                 "etcdserver: bad leader transferee",
             ),
+            Error::LeaderUnreachable => (Code::Unavailable, "etcdserver: no leader"),
+            Error::LearnerNotSupported => (
+                Code::FailedPrecondition,
+                "etcdserver: rpc not supported for learner",
+            ),
+            Error::MemberNotFound => (Code::NotFound, "etcdserver: member not found"),
+            Error::PeerUrlExists => (
+                Code::FailedPrecondition,
+                "etcdserver: Peer URLs already exists",
+            ),
+            Error::MemberIdExists => (
+                Code::FailedPrecondition,
+                "etcdserver: member ID already exist",
+            ),
+            Error::NotLearner => (
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member",
+            ),
+            Error::LearnerNotReady => (
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            Error::TooManyLearners => (
+                Code::FailedPrecondition,
+                "etcdserver: too many learner members in cluster",
+            ),
+            Error::InvalidPeerUrls => (
+                Code::InvalidArgument,
+                "etcdserver: given member URLs are invalid",
+            ),
             Error::Internal(m) => return Status::new(Code::Unknown, m.clone()),
         };
         Status::new(code, message)

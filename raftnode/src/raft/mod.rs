@@ -38,13 +38,31 @@ pub enum Applied {
     Nothing,
 }
 
+/// A member as raft's membership records it: what etcd's MemberList reports. The client URLs
+/// and name are published by the member itself once it runs (empty until then, as in etcd).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Member name (`--name`); empty until the member has started and published it.
+    pub name: String,
+    /// Peer URLs (QUIC, UDP).
+    pub peer_urls: Vec<String>,
+    /// Client URLs; empty until published.
+    pub client_urls: Vec<String>,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.peer_urls.join(","))
+    }
+}
+
 openraft::declare_raft_types!(
     /// Keyhold's raft types.
     pub TypeConfig:
         D = Proposal,
         R = Applied,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = Member,
         SnapshotData = tokio::fs::File,
 );
 
@@ -56,7 +74,7 @@ pub type StorageError = openraft::StorageError<u64>;
 /// Last applied log id and membership, as the state machine reports them.
 pub type AppliedState = (
     Option<openraft::LogId<u64>>,
-    openraft::StoredMembership<u64, openraft::BasicNode>,
+    openraft::StoredMembership<u64, Member>,
 );
 
 /// Meta key (in the store's meta keyspace) of the last applied log id.
@@ -70,4 +88,30 @@ pub const META_MEMBERSHIP: &[u8] = b"raft/membership";
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain owned data into a Vec cannot fail.
     postcard::to_allocvec(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_entries_round_trip_through_postcard() {
+        let mut nodes = std::collections::BTreeMap::new();
+        for i in 1..=3u64 {
+            let m = Member {
+                name: format!("m{i}"),
+                peer_urls: vec![format!("http://127.0.0.1:{i}")],
+                client_urls: vec![],
+            };
+            nodes.insert(i, m);
+        }
+        let membership = openraft::Membership::new(vec![nodes.keys().copied().collect()], nodes);
+        let entry: openraft::Entry<TypeConfig> = openraft::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 2),
+            payload: openraft::EntryPayload::Membership(membership),
+        };
+        let bytes = postcard::to_allocvec(&entry).expect("encodes");
+        let back: openraft::Entry<TypeConfig> = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back.log_id, entry.log_id);
+    }
 }

@@ -7,16 +7,16 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keyhold_store::{ApplyContext, Error as StoreError, KvStore};
+use keyhold_store::{ApplyContext, Error as StoreError, KvStore, WriteRequest};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
 };
 
 use super::{
-    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, StorageError, TypeConfig,
-    encode,
+    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, Member, StorageError,
+    TypeConfig, encode,
 };
 use crate::clock::{Clock, blocking};
 
@@ -30,6 +30,9 @@ pub struct StateMachine {
     store: Arc<KvStore>,
     dir: PathBuf,
     clock: Clock,
+    /// Signalled after a compaction is applied, so the node reclaims the compacted history's
+    /// disk space on every member (in the background, off the apply path).
+    compacted: Arc<tokio::sync::Notify>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -45,12 +48,18 @@ impl StateMachine {
     ///
     /// # Errors
     /// When the snapshot directory cannot be created.
-    pub fn new(store: Arc<KvStore>, snapshot_dir: PathBuf, clock: Clock) -> io::Result<Self> {
+    pub fn new(
+        store: Arc<KvStore>,
+        snapshot_dir: PathBuf,
+        clock: Clock,
+        compacted: Arc<tokio::sync::Notify>,
+    ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Self {
             store,
             dir: snapshot_dir,
             clock,
+            compacted,
         })
     }
 
@@ -125,9 +134,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let store = &self.store;
         let now_ms = self.clock.now_ms();
+        let compacted = &self.compacted;
         blocking(|| {
+            // A snapshot is exported when it is sent, so an installed one may already cover
+            // entries past the log id raft knows it by; those are skipped, not applied twice.
+            let floor = match store.meta_get(META_APPLIED).map_err(sm_err)? {
+                Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b)
+                    .map_err(sm_err)?
+                    .map_or(0, |l| l.index),
+                None => 0,
+            };
             let mut out = Vec::new();
             for entry in entries {
+                if entry.log_id.index <= floor {
+                    out.push(Applied::Nothing);
+                    continue;
+                }
                 let applied = encode(&Some(entry.log_id));
                 match entry.payload {
                     EntryPayload::Blank => {
@@ -166,7 +188,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     )
                                     .into());
                                 }
-                                result => results.push(result),
+                                result => {
+                                    if result.is_ok() && matches!(req, WriteRequest::Compact { .. })
+                                    {
+                                        compacted.notify_one();
+                                    }
+                                    results.push(result)
+                                }
                             }
                         }
                         if total == 0 {
@@ -203,7 +231,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, BasicNode>,
+        meta: &SnapshotMeta<u64, Member>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         snapshot.sync_all().await.map_err(snap_err)?;
@@ -225,7 +253,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Ok(bytes) = tokio::fs::read(&meta_path).await else {
             return Ok(None);
         };
-        let meta: SnapshotMeta<u64, BasicNode> = postcard::from_bytes(&bytes).map_err(snap_err)?;
+        let meta: SnapshotMeta<u64, Member> = postcard::from_bytes(&bytes).map_err(snap_err)?;
         let file = tokio::fs::File::open(self.dir.join(SNAP_DATA))
             .await
             .map_err(snap_err)?;

@@ -190,7 +190,9 @@ impl Wal {
                 },
             ));
         }
-        (&*seg.file).write_all(&buf)?;
+        // Positioned write: after a truncate (or a torn tail cut at open) the file cursor is
+        // past the end, and a cursor write would leave a hole that reads as empty records.
+        seg.file.write_all_at(&buf, seg.len)?;
         seg.len += buf.len() as u64;
         let file = seg.file.clone();
         inner.index.extend(locations);
@@ -371,6 +373,24 @@ mod tests {
         assert_eq!(wal.read_state().expect("state"), Some(b"vote".to_vec()));
         wal.append(7, &payloads(7..8))
             .expect("append after recovery");
+    }
+
+    #[test]
+    fn appends_after_a_truncate_land_where_the_index_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path()).expect("open");
+        wal.append(1, &payloads(1..6)).expect("append");
+        wal.truncate(3).expect("truncate");
+        let fresh = vec![b"new-3".to_vec(), b"new-4".to_vec()];
+        wal.append(3, &fresh).expect("append after truncate");
+        let read = wal.read(1, 10).expect("read");
+        let got: Vec<&[u8]> = read.iter().map(|(_, p)| p.as_slice()).collect();
+        let want = payloads(1..3);
+        assert_eq!(got[..2], [want[0].as_slice(), want[1].as_slice()]);
+        assert_eq!(got[2..], [b"new-3".as_slice(), b"new-4".as_slice()]);
+        drop(wal);
+        let reopened = Wal::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.read(1, 10).expect("read").len(), 4);
     }
 
     #[test]

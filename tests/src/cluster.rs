@@ -1,0 +1,173 @@
+//! A cluster of `keyhold-node` processes on loopback: N members with ports chosen at run time,
+//! each with its own data dir and log, all killed by PID on drop. Faults beyond the process
+//! ones ([`NodeProcess`]): partitions through the nodes' test-only transport fault switch
+//! (`POST /debug/peer-faults`, in builds with the `failpoints` feature), one-way or both ways.
+
+use std::time::{Duration, Instant};
+
+use crate::process::{NodeProcess, free_port};
+
+/// How long a cluster may take to elect a leader and answer `/health` on every member.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Flags that make elections fast in tests (heartbeat 50 ms, election 500 ms).
+pub const FAST_ELECTION: &[&str] = &["--heartbeat-interval", "50", "--election-timeout", "500"];
+
+/// N members started together as a new cluster.
+pub struct Cluster {
+    /// The members, in `--initial-cluster` order (`m0`, `m1`, ...).
+    pub members: Vec<NodeProcess>,
+    /// `--initial-cluster-token`.
+    pub token: String,
+}
+
+/// The cluster flags of member `name` in `initial_cluster` with state `state`.
+fn cluster_args(name: &str, initial_cluster: &str, state: &str, token: &str) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        state,
+        "--initial-cluster-token",
+        token,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Cluster {
+    /// Starts `n` members with [`FAST_ELECTION`] timing and waits until all are healthy.
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, FAST_ELECTION, &[])
+    }
+
+    /// Starts `n` members with extra flags and environment.
+    pub fn start_with(n: usize, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let token = format!("keyhold-test-{}", free_port());
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<NodeProcess> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| {
+                let args = cluster_args(&format!("m{i}"), &initial, "new", &token);
+                NodeProcess::member(*c, *p, args, extra_args, env)
+            })
+            .collect();
+        for m in &mut members {
+            m.spawn_no_wait();
+        }
+        for m in &mut members {
+            m.wait_ready();
+        }
+        Self { members, token }
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(NodeProcess::endpoint).collect()
+    }
+
+    /// The index of the member that reports itself leader, if exactly one running member does.
+    pub fn leader(&self) -> Option<usize> {
+        self.leader_among(None)
+    }
+
+    /// As [`Cluster::leader`], ignoring member `not` (a deposed leader cut off from the others
+    /// may still believe it leads).
+    pub fn leader_among(&self, not: Option<usize>) -> Option<usize> {
+        let leaders: Vec<usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                Some(*i) != not && m.is_running() && m.metric("etcd_server_is_leader") == Some(1.0)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match leaders.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// Waits until one running member (other than `not`) leads; returns its index.
+    pub fn wait_leader(&self, not: Option<usize>) -> usize {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(l) = self.leader_among(not) {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no leader elected in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Indexes of running members other than `i`.
+    pub fn others(&self, i: usize) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&j| j != i && self.members[j].is_running())
+            .collect()
+    }
+
+    /// Member IDs by index (from each member's `/metrics`).
+    pub fn member_ids(&self) -> Vec<u64> {
+        self.members
+            .iter()
+            .map(|m| m.member_id().expect("member id from /metrics"))
+            .collect()
+    }
+
+    /// Makes member `at` drop peer traffic to `to` and from `from` (indexes); replaces its
+    /// earlier faults. Logged with the time.
+    pub fn set_peer_faults(&self, at: usize, to: &[usize], from: &[usize]) {
+        let ids = self.member_ids();
+        let hex = |list: &[usize]| {
+            list.iter()
+                .map(|&i| format!("{:x}", ids[i]))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let path = format!(
+            "/debug/peer-faults?drop_to={}&drop_from={}",
+            hex(to),
+            hex(from)
+        );
+        let (code, body) = self.members[at]
+            .http_post(&path)
+            .expect("peer-faults endpoint");
+        assert_eq!(
+            code, 200,
+            "peer-faults: {body} (is the failpoints feature on?)"
+        );
+        eprintln!(
+            "[fault {:?}] member {at}: drop to {to:?}, from {from:?}",
+            std::time::SystemTime::now()
+        );
+    }
+
+    /// Cuts member `i` off from every other member, both ways.
+    pub fn isolate(&self, i: usize) {
+        let others: Vec<usize> = (0..self.members.len()).filter(|&j| j != i).collect();
+        self.set_peer_faults(i, &others, &others);
+        for &j in &others {
+            self.set_peer_faults(j, &[i], &[i]);
+        }
+    }
+
+    /// Removes every peer fault.
+    pub fn heal(&self) {
+        for i in 0..self.members.len() {
+            if self.members[i].is_running() {
+                self.set_peer_faults(i, &[], &[]);
+            }
+        }
+    }
+}

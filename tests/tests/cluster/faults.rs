@@ -1,0 +1,132 @@
+//! Faults: a partitioned leader, a paused leader, lease expiry across a leader change.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use keyhold_tests::Cluster;
+
+use crate::{client, hash_kvs, status, wait_revision};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_stops_serving_and_the_majority_goes_on() {
+    let cluster = Cluster::start(3);
+    let old = cluster.wait_leader(None);
+    let eps = cluster.endpoints();
+    let mut c = client(&eps[old]).await;
+    c.put("p", "before", None).await.expect("put");
+
+    cluster.isolate(old);
+    let new = cluster.wait_leader(Some(old));
+    let mut majority = client(&eps[new]).await;
+    let r = majority
+        .put("p", "during", None)
+        .await
+        .expect("majority write");
+    let during = r.header().expect("header").revision();
+
+    // The minority side refuses linearizable reads and writes with etcd's errors (no stale
+    // value, no acknowledged write that the majority never sees).
+    let (code, msg) = status(c.get("p", None).await);
+    assert_eq!(code, tonic::Code::Unavailable, "{msg}");
+    assert!(msg.starts_with("etcdserver: "), "{msg}");
+    let (code, msg) = status(c.put("p", "minority", None).await);
+    assert_eq!(code, tonic::Code::Unavailable, "{msg}");
+    assert!(
+        [
+            "etcdserver: request timed out",
+            "etcdserver: no leader",
+            "etcdserver: leader changed"
+        ]
+        .contains(&msg.as_str()),
+        "{msg}"
+    );
+
+    cluster.heal();
+    wait_revision(&eps, during).await;
+    let got = c.get("p", None).await.expect("read after heal");
+    assert_eq!(got.kvs()[0].value(), b"during");
+    let top = got.header().expect("header").revision();
+    wait_revision(&eps, top).await;
+    let hashes = hash_kvs(&eps, top).await;
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_serves_no_stale_read_after_it_resumes() {
+    let cluster = Cluster::start(3);
+    let old = cluster.wait_leader(None);
+    let eps = cluster.endpoints();
+    let mut on_old = client(&eps[old]).await;
+    on_old.put("s", "before", None).await.expect("put");
+
+    cluster.members[old].pause();
+    // Past the election timeout (500 ms): the others elect a leader and write.
+    let new = cluster.wait_leader(Some(old));
+    let mut on_new = client(&eps[new]).await;
+    on_new
+        .put("s", "after", None)
+        .await
+        .expect("put on the new leader");
+    cluster.members[old].resume();
+
+    // The first linearizable read on the old leader either fails or sees the new value.
+    match on_old.get("s", None).await {
+        Ok(r) => assert_eq!(r.kvs()[0].value(), b"after", "stale read"),
+        Err(e) => eprintln!("old leader refused the read: {e}"),
+    }
+    let got = on_old.get("s", None).await.expect("read once caught up");
+    assert_eq!(got.kvs()[0].value(), b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_survives_a_leader_change_while_kept_alive_then_expires() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let follower = cluster.others(leader)[0];
+    let eps = cluster.endpoints();
+    let mut c = client(&eps[follower]).await;
+    let lease = c.lease_grant(5, None).await.expect("grant").id();
+    c.put(
+        "leased",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put with lease");
+    // Keepalives through a follower (forwarded to the leader).
+    let (mut keeper, mut answers) = c.lease_keep_alive(lease).await.expect("keepalive");
+    let keep = tokio::spawn(async move {
+        for _ in 0..8 {
+            keeper.keep_alive().await.expect("send keepalive");
+            let a = answers.message().await.expect("answer").expect("message");
+            assert!(a.ttl() > 0, "lease lost while kept alive");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.members[leader].kill9();
+    cluster.wait_leader(Some(leader));
+    keep.await.expect("kept alive across the leader change");
+    let got = c
+        .get("leased", Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("get");
+    assert_eq!(got.count(), 1, "key deleted while its lease was kept alive");
+
+    // Keepalives stopped: the remaining TTL counts down from where it was (not reset by the
+    // leader change) and the key goes within the TTL plus the revoke delay.
+    let stopped = Instant::now();
+    let ttl = c.lease_time_to_live(lease, None).await.expect("ttl").ttl();
+    assert!((0..=5).contains(&ttl), "remaining TTL {ttl}");
+    loop {
+        let got = c.get("leased", None).await.expect("get");
+        if got.count() == 0 {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5 + 3),
+            "key outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
