@@ -32,8 +32,21 @@ pub struct Listed {
     pub is_learner: bool,
 }
 
-/// The members in this member's view of the latest membership.
+/// The members in this member's view of the latest membership (this member's own name and
+/// client URLs filled in before it has published them).
 pub fn list(node: &Node) -> Vec<Listed> {
+    let mut listed = recorded(node);
+    for l in &mut listed {
+        if l.id == node.member_id && l.member.client_urls.is_empty() {
+            l.member.name = node.config.name.clone();
+            l.member.client_urls = node.config.advertise_client_urls.clone();
+        }
+    }
+    listed
+}
+
+/// The members exactly as raft's latest membership records them.
+fn recorded(node: &Node) -> Vec<Listed> {
     let metrics = node.raft.metrics();
     let m = metrics.borrow();
     let membership = m.membership_config.membership();
@@ -73,7 +86,7 @@ pub async fn change_on_leader(node: &Node, change: MembershipChange) -> Result<(
     if !node.is_leader() {
         return Err(Error::LeaderChanged);
     }
-    let listed = list(node);
+    let listed = recorded(node);
     let find = |id: u64| listed.iter().find(|l| l.id == id).cloned();
     let urls_taken = |urls: &[String], except: u64| {
         listed
@@ -212,10 +225,16 @@ pub async fn change(node: &Node, change: MembershipChange) -> Result<()> {
 pub async fn publish(node: Arc<Node>) {
     let mut stopped = std::pin::pin!(crate::node::stopped(node.shutdown.clone()));
     loop {
-        let current = list(&node).into_iter().find(|l| l.id == node.member_id);
-        let wanted = current.as_ref().is_some_and(|l| {
-            l.member.name != node.config.name
-                || l.member.client_urls != node.config.advertise_client_urls
+        let current = {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&node.member_id)
+                .cloned()
+        };
+        let wanted = current.as_ref().is_some_and(|m| {
+            m.name != node.config.name || m.client_urls != node.config.advertise_client_urls
         });
         let wait = if wanted && node.leader().is_some() {
             let change = MembershipChange::Publish {

@@ -141,12 +141,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let floor = match store.meta_get(META_APPLIED).map_err(sm_err)? {
                 Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b)
                     .map_err(sm_err)?
-                    .map_or(0, |l| l.index),
-                None => 0,
+                    .map(|l| l.index),
+                None => None,
             };
             let mut out = Vec::new();
             for entry in entries {
-                if entry.log_id.index <= floor {
+                // (Index 0 is the initial membership: applied when nothing is.)
+                if floor.is_some_and(|f| entry.log_id.index <= f) {
                     out.push(Applied::Nothing);
                     continue;
                 }

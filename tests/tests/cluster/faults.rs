@@ -74,7 +74,21 @@ async fn a_paused_leader_serves_no_stale_read_after_it_resumes() {
         Ok(r) => assert_eq!(r.kvs()[0].value(), b"after", "stale read"),
         Err(e) => eprintln!("old leader refused the read: {e}"),
     }
-    let got = on_old.get("s", None).await.expect("read once caught up");
+    // Once it has learned of the new term it serves linearizable reads again (clients retry
+    // `Unavailable`, as etcd's do).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        match on_old.get("s", None).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never recovered: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     assert_eq!(got.kvs()[0].value(), b"after");
 }
 
