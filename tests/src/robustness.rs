@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 
+use crate::cluster::Cluster;
 use crate::history::{Input, Op, Output, Recorder};
 use crate::lin::{self, Verdict};
-use crate::process::NodeProcess;
 use crate::watch_check::{self, SeenEvent, SeenResponse, Truth, WatchLog};
 
 /// Keys in the traffic's key space (small, so clients conflict).
@@ -33,28 +33,51 @@ const LEASE_TTL_SECONDS: i64 = 3600;
 /// Prefix every key lives under.
 const PREFIX: &str = "k";
 
-/// What goes wrong during a run.
+/// What goes wrong during a run. Process faults hit the leader (on a single member, the only
+/// member).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Nothing: a baseline.
     None,
-    /// kill -9, then restart on the same data dir.
+    /// kill -9 the leader, then restart it on the same data dir.
     Kill,
-    /// SIGSTOP past the client timeouts, then SIGCONT.
+    /// SIGSTOP the leader past the client timeouts (and the election timeout), then SIGCONT.
     Pause,
-    /// SIGTERM (ordered shutdown), then restart.
+    /// SIGTERM (ordered shutdown) the leader, then restart it.
     Restart,
     /// Compaction while a watch replays history from revision 1.
     Compaction,
+    /// kill -9 a follower, then restart it (cluster only).
+    KillFollower,
+    /// Cut the leader off from the majority, both ways, then heal (cluster only; needs the
+    /// nodes' failpoints build).
+    Partition,
+    /// Cut the leader's outgoing peer traffic only (one-way partition), then heal (cluster
+    /// only).
+    OneWayPartition,
+    /// SIGTERM every member, then start them all again (cluster only).
+    RestartAll,
 }
 
 impl Fault {
-    /// Every scenario, for `--scenario all`.
+    /// Every single-member scenario.
     pub const ALL: [Fault; 5] = [
         Fault::None,
         Fault::Kill,
         Fault::Pause,
         Fault::Restart,
+        Fault::Compaction,
+    ];
+
+    /// Every cluster scenario.
+    pub const CLUSTER: [Fault; 8] = [
+        Fault::None,
+        Fault::Kill,
+        Fault::KillFollower,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::OneWayPartition,
+        Fault::RestartAll,
         Fault::Compaction,
     ];
 
@@ -66,12 +89,19 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::Restart => "restart",
             Fault::Compaction => "compaction",
+            Fault::KillFollower => "kill-follower",
+            Fault::Partition => "partition",
+            Fault::OneWayPartition => "one-way-partition",
+            Fault::RestartAll => "restart-all",
         }
     }
 
     /// Parses a scenario name.
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain(Self::CLUSTER)
+            .find(|f| f.name() == s)
     }
 }
 
@@ -88,6 +118,9 @@ pub struct RunConfig {
     pub clients: usize,
     /// Server failpoints to enable (test-only builds).
     pub failpoints: Vec<String>,
+    /// Cluster size (1 = a single member). Client `i` talks to member `i % members` only, so
+    /// followers forward writes and ask the leader for read indexes.
+    pub members: usize,
 }
 
 /// What a run found.
@@ -111,6 +144,8 @@ pub struct Report {
     pub lost_writes: Vec<String>,
     /// For a violation: the smallest failing sub-history found.
     pub failing_history: Vec<Op>,
+    /// Time the linearizability check took.
+    pub check_ms: u64,
 }
 
 impl Report {
@@ -124,8 +159,9 @@ impl Report {
     /// A human-readable summary (printed on failure with the reproducer command).
     pub fn summary(&self, cfg: &RunConfig) -> String {
         let mut s = format!(
-            "scenario={} seed={} ops={} unknown_writes={} watch_events={} linearizable={:?} watch_violations={} lost_writes={}\n",
+            "scenario={} members={} seed={} ops={} unknown_writes={} watch_events={} linearizable={:?} watch_violations={} lost_writes={} check_ms={}\n",
             cfg.fault.name(),
+            cfg.members,
             self.seed,
             self.ops,
             self.unknown_writes,
@@ -135,9 +171,11 @@ impl Report {
                 .map(|v| matches!(v, Verdict::Linearizable)),
             self.watch_violations.len(),
             self.lost_writes.len(),
+            self.check_ms,
         );
         s += &format!(
-            "reproduce: cargo run -p keyhold-tests --bin robustness -- --scenario {} --duration {}s --seed {}\n",
+            "reproduce: cargo run -p keyhold-tests --bin robustness -- --members {} --scenario {} --duration {}s --seed {}\n",
+            cfg.members,
             cfg.fault.name(),
             cfg.duration.as_secs(),
             self.seed
@@ -199,10 +237,15 @@ fn parse_value(v: &[u8]) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Whether a failed request provably never reached the server (nothing to record).
+/// Whether a failed request provably had no effect (nothing to record): it never reached a
+/// server, or the server refused it before proposing (`no leader` is only answered before a
+/// proposal: no leader known, or the leader unreachable; a server that broke this rule would
+/// show up as a linearizability violation).
 fn never_sent(e: &etcd_client::Error) -> bool {
     let text = format!("{e:?}").to_lowercase();
-    text.contains("connection refused") || text.contains("tcp connect error")
+    text.contains("connection refused")
+        || text.contains("tcp connect error")
+        || text.contains("etcdserver: no leader")
 }
 
 async fn connect(endpoint: &str) -> Option<Client> {
@@ -269,6 +312,7 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
             }
             Ok(Err(e)) if never_sent(&e) => {
                 client = None;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             failed => {
                 if !matches!(input, Input::Get(_) | Input::CountAll) {
@@ -378,7 +422,7 @@ async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::E
 /// Shared state of the watches of one run.
 #[derive(Clone)]
 struct Watches {
-    endpoint: String,
+    endpoints: Vec<String>,
     logs: Arc<Mutex<Vec<WatchLog>>>,
     /// Highest header revision each watch has seen (events or progress).
     progress: Arc<Mutex<Vec<Arc<AtomicI64>>>>,
@@ -386,13 +430,21 @@ struct Watches {
 }
 
 impl Watches {
+    /// Starts a watch on the next member in turn.
     fn spawn(&self, start_revision: i64, prev_kv: bool) -> tokio::task::JoinHandle<()> {
         let seen = Arc::new(AtomicI64::new(0));
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(seen.clone());
-        tokio::spawn(run_watch(self.clone(), start_revision, prev_kv, seen))
+        let endpoint = {
+            let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            progress.push(seen.clone());
+            self.endpoints[(progress.len() - 1) % self.endpoints.len()].clone()
+        };
+        tokio::spawn(run_watch(
+            self.clone(),
+            endpoint,
+            start_revision,
+            prev_kv,
+            seen,
+        ))
     }
 
     /// Whether every watch has seen `revision` (or ended).
@@ -410,8 +462,14 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Runs one watch, resuming after breaks from the next revision; each segment is one log.
-async fn run_watch(w: Watches, start_revision: i64, prev_kv: bool, seen: Arc<AtomicI64>) {
-    let (endpoint, logs) = (w.endpoint.clone(), w.logs.clone());
+async fn run_watch(
+    w: Watches,
+    endpoint: String,
+    start_revision: i64,
+    prev_kv: bool,
+    seen: Arc<AtomicI64>,
+) {
+    let logs = w.logs.clone();
     let mut next_start = start_revision;
     loop {
         if *w.stop.borrow() {
@@ -490,12 +548,179 @@ async fn run_watch(w: Watches, start_revision: i64, prev_kv: bool, seen: Arc<Ato
     }
 }
 
+/// The members a fault hits, with the fault's log lines.
+struct Injector {
+    cluster: Arc<Mutex<Cluster>>,
+    timeline: Arc<Mutex<Vec<String>>>,
+    start: Instant,
+}
+
+impl Injector {
+    fn log(&self, what: String) {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{:>6} ms {what}", self.start.elapsed().as_millis()));
+    }
+
+    /// Runs `f` on the cluster off the async workers (process control blocks).
+    fn with<T>(&self, f: impl FnOnce(&mut Cluster) -> T) -> T {
+        tokio::task::block_in_place(|| {
+            f(&mut self.cluster.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+    }
+
+    async fn inject(
+        &self,
+        fault: Fault,
+        heal_after: Duration,
+        endpoints: &[String],
+        watches: &Watches,
+    ) {
+        let leader = self.with(|c| c.wait_leader(None));
+        match fault {
+            Fault::None => {}
+            Fault::Kill | Fault::KillFollower => {
+                let victim = if fault == Fault::Kill {
+                    leader
+                } else {
+                    self.with(|c| c.others(leader)[0])
+                };
+                self.log(format!("kill -9 member {victim} (leader {leader})"));
+                self.with(|c| c.members[victim].kill9());
+                tokio::time::sleep(heal_after).await;
+                self.with(|c| c.members[victim].restart());
+                self.log(format!("member {victim} restarted"));
+            }
+            Fault::Pause => {
+                self.log(format!("SIGSTOP member {leader} (leader)"));
+                self.with(|c| c.members[leader].pause());
+                tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                self.with(|c| c.members[leader].resume());
+                self.log(format!("SIGCONT member {leader}"));
+            }
+            Fault::Restart => {
+                self.log(format!("SIGTERM member {leader} (leader)"));
+                self.with(|c| c.members[leader].terminate());
+                tokio::time::sleep(heal_after).await;
+                self.with(|c| c.members[leader].restart());
+                self.log(format!("member {leader} restarted"));
+            }
+            Fault::Partition => {
+                self.log(format!(
+                    "partition member {leader} (leader) from the others"
+                ));
+                self.with(|c| c.isolate(leader));
+                tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                self.with(|c| c.heal());
+                self.log("healed".into());
+            }
+            Fault::OneWayPartition => {
+                self.log(format!(
+                    "member {leader} (leader) drops its outgoing peer traffic"
+                ));
+                self.with(|c| {
+                    let others = c.others(leader);
+                    c.set_peer_faults(leader, &others, &[]);
+                });
+                tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                self.with(|c| c.heal());
+                self.log("healed".into());
+            }
+            Fault::RestartAll => {
+                self.log("SIGTERM every member".into());
+                self.with(|c| {
+                    for m in &mut c.members {
+                        m.terminate();
+                    }
+                });
+                tokio::time::sleep(heal_after).await;
+                self.with(|c| {
+                    for m in &mut c.members {
+                        m.restart_no_wait();
+                    }
+                    for m in &mut c.members {
+                        m.wait_ready();
+                    }
+                });
+                self.log("every member restarted".into());
+            }
+            Fault::Compaction => {
+                let Some(mut c) = connect(&endpoints[leader]).await else {
+                    return;
+                };
+                let Ok(r) = c
+                    .get(
+                        PREFIX,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
+                else {
+                    return;
+                };
+                let rev = r.header().map_or(1, |h| h.revision());
+                // A new watch from revision 1 must be cancelled with the compact revision.
+                let target = (rev - 5).max(2);
+                let ok = c.compact(target, None).await.is_ok();
+                self.log(format!(
+                    "compact {target}: {}",
+                    if ok { "ok" } else { "failed" }
+                ));
+                watches.spawn(1, false);
+                watches.spawn(target, true);
+            }
+        }
+    }
+}
+
+/// The highest revision any reachable member reports (linearizably).
+async fn final_revision(endpoints: &[String]) -> i64 {
+    let mut best = 0;
+    for e in endpoints {
+        if let Some(mut c) = connect(e).await
+            && let Ok(r) = c.get("final", None).await
+        {
+            best = best.max(r.header().map_or(0, |h| h.revision()));
+        }
+    }
+    best
+}
+
+/// Waits (bounded) until every member has applied `revision`, so their histories can be
+/// compared.
+async fn converge(endpoints: &[String], revision: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for e in endpoints {
+        while Instant::now() < deadline {
+            let at = match connect(e).await {
+                Some(mut c) => c
+                    .get("final", Some(GetOptions::new().with_serializable()))
+                    .await
+                    .ok()
+                    .and_then(|r| r.header().map(|h| h.revision()))
+                    .unwrap_or(0),
+                None => 0,
+            };
+            if at >= revision {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Runs one scenario and checks it.
 pub async fn run(cfg: &RunConfig) -> Report {
     let env: Vec<(&str, String)> = vec![("KEYHOLD_FAILPOINTS", cfg.failpoints.join(","))];
     let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let node = tokio::task::block_in_place(|| NodeProcess::start_with_env(&[], &env_ref));
-    let endpoint = node.endpoint();
+    let members = cfg.members.max(1);
+    let flags: &[&str] = if members > 1 {
+        crate::cluster::FAST_ELECTION
+    } else {
+        &[]
+    };
+    let cluster = tokio::task::block_in_place(|| Cluster::start_with(members, flags, &env_ref));
+    let endpoints = cluster.endpoints();
     let rec = Recorder::default();
     let start = Instant::now();
     let until = start + cfg.duration;
@@ -507,7 +732,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watch_set = Watches {
-        endpoint: endpoint.clone(),
+        endpoints: endpoints.clone(),
         logs: Arc::default(),
         progress: Arc::default(),
         stop: stop_rx,
@@ -517,7 +742,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
         .map(|i| {
             tokio::spawn(run_client(
                 i,
-                endpoint.clone(),
+                endpoints[i % endpoints.len()].clone(),
                 rng.next_u64(),
                 rec.clone(),
                 until,
@@ -529,72 +754,23 @@ pub async fn run(cfg: &RunConfig) -> Report {
     let fault_at =
         cfg.duration / 3 + Duration::from_millis(rng.below(cfg.duration.as_millis() as u64 / 3));
     let heal_after = Duration::from_millis(500 + rng.below(1000));
-    let node = Arc::new(Mutex::new(node));
-    let timeline = Arc::new(Mutex::new(Vec::new()));
-    let injector = {
-        let (node, timeline, endpoint, fault) =
-            (node.clone(), timeline.clone(), endpoint.clone(), cfg.fault);
-        let watch_set = watch_set.clone();
+    let injector = Arc::new(Injector {
+        cluster: Arc::new(Mutex::new(cluster)),
+        timeline: Arc::default(),
+        start,
+    });
+    let injecting = {
+        let (injector, endpoints, watch_set, fault) = (
+            injector.clone(),
+            endpoints.clone(),
+            watch_set.clone(),
+            cfg.fault,
+        );
         tokio::spawn(async move {
             tokio::time::sleep(fault_at).await;
-            let log = |what: String| {
-                timeline
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(format!("{:>6} ms {what}", start.elapsed().as_millis()))
-            };
-            let with_node = |f: &dyn Fn(&mut NodeProcess)| {
-                tokio::task::block_in_place(|| {
-                    f(&mut node.lock().unwrap_or_else(|p| p.into_inner()))
-                })
-            };
-            match fault {
-                Fault::None => {}
-                Fault::Kill => {
-                    log("kill -9".into());
-                    with_node(&|n| n.kill9());
-                    tokio::time::sleep(heal_after).await;
-                    with_node(&|n| n.restart());
-                    log("restarted".into());
-                }
-                Fault::Pause => {
-                    log("SIGSTOP".into());
-                    with_node(&|n| n.pause());
-                    tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
-                    with_node(&|n| n.resume());
-                    log("SIGCONT".into());
-                }
-                Fault::Restart => {
-                    log("SIGTERM".into());
-                    with_node(&|n| {
-                        n.terminate();
-                    });
-                    tokio::time::sleep(heal_after).await;
-                    with_node(&|n| n.restart());
-                    log("restarted".into());
-                }
-                Fault::Compaction => {
-                    if let Some(mut c) = connect(&endpoint).await
-                        && let Ok(r) = c
-                            .get(
-                                PREFIX,
-                                Some(GetOptions::new().with_prefix().with_count_only()),
-                            )
-                            .await
-                    {
-                        let rev = r.header().map_or(1, |h| h.revision());
-                        // A new watch from revision 1 must be cancelled with the compact revision.
-                        let target = (rev - 5).max(2);
-                        let ok = c.compact(target, None).await.is_ok();
-                        log(format!(
-                            "compact {target}: {}",
-                            if ok { "ok" } else { "failed" }
-                        ));
-                        watch_set.spawn(1, false);
-                        watch_set.spawn(target, true);
-                    }
-                }
-            }
+            injector
+                .inject(fault, heal_after, &endpoints, &watch_set)
+                .await;
         })
     };
     // A third watch joins mid-run from a recent revision.
@@ -613,17 +789,10 @@ pub async fn run(cfg: &RunConfig) -> Report {
     for c in clients {
         let _ = c.await;
     }
-    let _ = injector.await;
-    // Let watches catch up to the final revision, then stop them.
-    let final_rev = match connect(&endpoint).await {
-        Some(mut c) => c
-            .get("final", None)
-            .await
-            .ok()
-            .and_then(|r| r.header().map(|h| h.revision()))
-            .unwrap_or(0),
-        None => 0,
-    };
+    let _ = injecting.await;
+    // Let every member and every watch catch up to the final revision, then stop the watches.
+    let final_rev = final_revision(&endpoints).await;
+    converge(&endpoints, final_rev).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && !watch_set.caught_up(final_rev) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -633,23 +802,62 @@ pub async fn run(cfg: &RunConfig) -> Report {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
 
-    // Ground truth from the stopped node's data dir.
-    let truth = tokio::task::block_in_place(|| {
-        let mut n = node.lock().unwrap_or_else(|p| p.into_inner());
-        if n.is_running() {
-            n.terminate();
+    // Ground truth from the stopped members' data dirs; every member must hold the same history.
+    let dumps = injector.with(|c| {
+        for m in &mut c.members {
+            if m.is_running() {
+                m.terminate();
+            }
         }
-        n.dump_history()
+        c.members
+            .iter()
+            .map(|m| m.dump_history())
+            .collect::<Vec<_>>()
     });
-    let truth = Truth::parse(&truth).unwrap_or_default();
-    report.timeline = timeline.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let comparable = |dump: &str| -> Vec<String> {
+        // History at or below the compact revision may still be being reclaimed: skip it.
+        let mut lines = dump.lines();
+        let compact = lines
+            .next()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v["compact_revision"].as_i64())
+            .unwrap_or(0);
+        lines
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["revision"].as_i64())
+                    .is_some_and(|r| r > compact)
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let reference = comparable(&dumps[0]);
+    for (i, d) in dumps.iter().enumerate().skip(1) {
+        let d = comparable(d);
+        if d != reference {
+            report.lost_writes.push(format!(
+                "member {i}'s history differs from member 0's ({} vs {} changes)",
+                d.len(),
+                reference.len()
+            ));
+        }
+    }
+    let truth = Truth::parse(&dumps[0]).unwrap_or_default();
+    report.timeline = injector
+        .timeline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
 
     let mut ops = rec.ops();
     report.unknown_writes = ops.iter().filter(|o| o.ret.is_none()).count();
     patch_unknown_writes(&mut ops, &truth);
     report.lost_writes = lost_writes(&ops, &truth);
     report.ops = ops.len();
+    let checking = Instant::now();
     let verdict = tokio::task::block_in_place(|| lin::check(&ops, CHECK_BUDGET));
+    report.check_ms = checking.elapsed().as_millis() as u64;
     if matches!(verdict, Verdict::Violation { .. }) {
         report.failing_history =
             tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, CHECK_BUDGET));

@@ -133,6 +133,10 @@ pub struct WatchLog {
 /// Runs every validator; returns the violations found (empty = all guarantees held).
 pub fn validate(truth: &Truth, log: &WatchLog) -> Vec<String> {
     let mut bad = Vec::new();
+    if log.responses.is_empty() {
+        // The stream broke before anything arrived (its member stopped): nothing observed.
+        return bad;
+    }
     let Some(created) = log.responses.iter().find(|r| r.created) else {
         return vec!["no created response".into()];
     };

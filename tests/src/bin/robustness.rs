@@ -19,26 +19,24 @@ fn parse_duration(s: &str) -> Option<Duration> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: robustness [--scenario all|{}] [--duration 30s|10m] [--seed N] [--clients N] [--failpoints a,b]",
-        Fault::ALL.map(Fault::name).join("|")
+        "usage: robustness [--members 1|3] [--scenario all|{}] [--duration 30s|10m] [--seed N] [--clients N] [--failpoints a,b]\n\
+         (cluster scenarios: {})",
+        Fault::ALL.map(Fault::name).join("|"),
+        Fault::CLUSTER.map(Fault::name).join("|")
     );
     std::process::exit(2)
 }
 
 fn main() -> std::process::ExitCode {
     let mut args = std::env::args().skip(1);
-    let (mut scenarios, mut duration, mut seed, mut clients, mut failpoints) = (
-        Fault::ALL.to_vec(),
-        Duration::from_secs(30),
-        None,
-        4,
-        Vec::new(),
-    );
+    let (mut scenarios, mut duration, mut seed, mut clients, mut failpoints, mut members) =
+        (None, Duration::from_secs(30), None, 4, Vec::new(), 1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--scenario" if v == "all" => scenarios = Fault::ALL.to_vec(),
-            "--scenario" => scenarios = vec![Fault::parse(&v).unwrap_or_else(|| usage())],
+            "--scenario" if v == "all" => scenarios = None,
+            "--scenario" => scenarios = Some(vec![Fault::parse(&v).unwrap_or_else(|| usage())]),
+            "--members" => members = v.parse().unwrap_or_else(|_| usage()),
             "--duration" => duration = parse_duration(&v).unwrap_or_else(|| usage()),
             "--seed" => seed = Some(v.parse().unwrap_or_else(|_| usage())),
             "--clients" => clients = v.parse().unwrap_or_else(|_| usage()),
@@ -46,6 +44,13 @@ fn main() -> std::process::ExitCode {
             _ => usage(),
         }
     }
+    let scenarios = scenarios.unwrap_or_else(|| {
+        if members > 1 {
+            Fault::CLUSTER.to_vec()
+        } else {
+            Fault::ALL.to_vec()
+        }
+    });
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -63,6 +68,7 @@ fn main() -> std::process::ExitCode {
             seed: seed.wrapping_add(i as u64),
             clients,
             failpoints: failpoints.clone(),
+            members,
         };
         let report = rt.block_on(robustness::run(&cfg));
         print!("{}", report.summary(&cfg));

@@ -23,21 +23,34 @@ fn seed() -> u64 {
 }
 
 async fn scenario(fault: Fault, failpoints: &[&str]) -> (RunConfig, Report) {
+    scenario_on(1, fault, failpoints).await
+}
+
+async fn scenario_on(members: usize, fault: Fault, failpoints: &[&str]) -> (RunConfig, Report) {
     let cfg = RunConfig {
         fault,
         duration: CI_DURATION,
         seed: seed(),
-        clients: 4,
+        clients: if members > 1 { 6 } else { 4 },
         failpoints: failpoints.iter().map(|s| s.to_string()).collect(),
+        members,
     };
-    println!("robustness scenario={} seed={}", fault.name(), cfg.seed);
+    println!(
+        "robustness members={members} scenario={} seed={}",
+        fault.name(),
+        cfg.seed
+    );
     let report = robustness::run(&cfg).await;
     println!("{}", report.summary(&cfg));
     (cfg, report)
 }
 
 async fn must_pass(fault: Fault) {
-    let (cfg, report) = scenario(fault, &[]).await;
+    must_pass_on(1, fault).await;
+}
+
+async fn must_pass_on(members: usize, fault: Fault) {
+    let (cfg, report) = scenario_on(members, fault, &[]).await;
     assert!(
         report.ops > 100,
         "too little traffic to mean anything:\n{}",
@@ -74,6 +87,49 @@ async fn ordered_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_while_watches_catch_up() {
     must_pass(Fault::Compaction).await;
+}
+
+// Three members: clients spread over all of them (followers forward writes and ask the leader
+// for read indexes), watches on different members.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_baseline() {
+    must_pass_on(3, Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_kill_leader() {
+    must_pass_on(3, Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_kill_follower() {
+    must_pass_on(3, Fault::KillFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_pause_leader_past_the_election_timeout() {
+    must_pass_on(3, Fault::Pause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_partition_leader_from_the_majority() {
+    must_pass_on(3, Fault::Partition).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_one_way_partition_of_the_leader() {
+    must_pass_on(3, Fault::OneWayPartition).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_restart_all_members() {
+    must_pass_on(3, Fault::RestartAll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_compaction_while_watches_catch_up() {
+    must_pass_on(3, Fault::Compaction).await;
 }
 
 /// A server that answers linearizable reads one revision stale must fail the checker.
