@@ -31,8 +31,11 @@ pub const ETCD_COMPAT_VERSION: &str = "3.7.0";
 pub const APPLY_GAP_MAX: u64 = 5000;
 /// Lessor driver tick (etcd checks expiry every 500 ms).
 const LESSOR_TICK: Duration = Duration::from_millis(500);
-/// How often the primary checkpoints remaining lease TTLs.
-const LEASE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+/// Longest drift of a lease's remaining TTL before the leader checkpoints it through raft
+/// (shorter leases checkpoint at half their TTL; see `Lessor::checkpoints_due`).
+const LEASE_CHECKPOINT_DRIFT_MAX: Duration = Duration::from_secs(300);
+/// Lease checkpoints proposed per lessor tick.
+const LEASE_CHECKPOINTS_PER_TICK_MAX: usize = 1000;
 /// Raft log entries between snapshots. A snapshot only makes the store durable and records what
 /// it covers, so it is cheap; it exists so the log can be purged.
 /// Entries are batches of up to `PROPOSAL_BYTES_MAX`, so this count stays small.
@@ -432,7 +435,22 @@ impl Node {
         }
         self.promote_lessor_if_leading();
         let now = self.clock.now_ms();
-        Ok(self.store.with_lessor(|l| l.renew(id, now)).unwrap_or(0))
+        let (checkpointed, ttl) = self.store.with_lessor(|l| {
+            let checkpointed = l.get(id).is_some_and(|x| x.remaining_ttl > 0);
+            (checkpointed, l.renew(id, now).unwrap_or(0))
+        });
+        if checkpointed && ttl > 0 {
+            // The members still hold the checkpointed remaining TTL; clear it through raft so a
+            // new leader does not resume a renewed lease from the old checkpoint (as etcd 3.5+).
+            // Best effort: a full queue leaves it to the next checkpoint.
+            let (tx, _) = oneshot::channel();
+            let clear = WriteRequest::LeaseCheckpoint {
+                id,
+                remaining_ttl: 0,
+            };
+            let _ = self.proposals.try_send((clear, tx));
+        }
+        Ok(ttl)
     }
 
     /// Remaining TTL of a lease as the leader (the only member that expires leases) sees it.
@@ -781,7 +799,6 @@ pub async fn stopped(mut shutdown: watch::Receiver<bool>) {
 async fn lessor_driver(node: Arc<Node>) {
     let mut tick = tokio::time::interval(LESSOR_TICK);
     let mut was_leader = false;
-    let mut last_checkpoint = node.clock.now_ms();
     let mut metrics = node.raft.metrics();
     loop {
         // Leadership changes are handled at once; expiry and checkpoints on the tick.
@@ -819,16 +836,17 @@ async fn lessor_driver(node: Arc<Node>) {
                 Err(e) => tracing::warn!(lease = id, error = %e, "revoking expired lease"),
             }
         }
-        let interval = LEASE_CHECKPOINT_INTERVAL.as_millis() as u64;
-        if now.saturating_sub(last_checkpoint) >= interval {
-            last_checkpoint = now;
-            let due = node
-                .store
-                .with_lessor(|l| l.checkpoints_due(now, interval, 1000));
-            for (id, remaining_ttl) in due {
-                let _ = node
-                    .propose(WriteRequest::LeaseCheckpoint { id, remaining_ttl })
-                    .await;
+        let drift_cap = LEASE_CHECKPOINT_DRIFT_MAX.as_millis() as u64;
+        let due = node
+            .store
+            .with_lessor(|l| l.checkpoints_due(now, drift_cap, LEASE_CHECKPOINTS_PER_TICK_MAX));
+        // Proposed together: the proposer batches them into few raft entries.
+        let checkpoints = due.into_iter().map(|(id, remaining_ttl)| {
+            node.propose(WriteRequest::LeaseCheckpoint { id, remaining_ttl })
+        });
+        for r in futures::future::join_all(checkpoints).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "lease checkpoint");
             }
         }
     }

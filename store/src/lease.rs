@@ -159,10 +159,14 @@ impl Lessor {
         out
     }
 
-    /// Leases whose remaining TTL differs from the last checkpoint by more than `interval_ms`:
-    /// `(id, remaining seconds)` for the primary to replicate as checkpoints.
-    pub fn checkpoints_due(&self, now_ms: u64, interval_ms: u64, max: usize) -> Vec<(i64, i64)> {
-        let interval_s = (interval_ms / 1000) as i64;
+    /// Leases whose remaining TTL has drifted from the last recorded one (checkpoint, grant or
+    /// renewal) by half the recorded TTL, at least `CHECKPOINT_DRIFT_MIN_S` and at most
+    /// `drift_cap_ms`: `(id, remaining seconds)` for the primary to replicate as checkpoints.
+    /// A new primary so extends an unrenewed lease by at most half its TTL (etcd without
+    /// checkpoints: the whole TTL), and leases kept alive (clients renew every third of the
+    /// TTL) are never checkpointed.
+    pub fn checkpoints_due(&self, now_ms: u64, drift_cap_ms: u64, max: usize) -> Vec<(i64, i64)> {
+        let cap_s = (drift_cap_ms / 1000) as i64;
         self.leases
             .iter()
             .filter_map(|(id, l)| {
@@ -173,12 +177,16 @@ impl Lessor {
                 } else {
                     l.ttl
                 };
-                (remaining > 0 && recorded - remaining >= interval_s).then_some((*id, remaining))
+                let drift_s = (recorded / 2).clamp(CHECKPOINT_DRIFT_MIN_S, cap_s.max(1));
+                (remaining > 0 && recorded - remaining >= drift_s).then_some((*id, remaining))
             })
             .take(max)
             .collect()
     }
 }
+
+/// Smallest TTL drift worth a checkpoint (short leases would otherwise checkpoint every second).
+const CHECKPOINT_DRIFT_MIN_S: i64 = 2;
 
 fn deadline(now_ms: u64, ttl_s: i64, extend_ms: u64) -> u64 {
     now_ms

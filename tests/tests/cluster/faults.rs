@@ -144,3 +144,53 @@ async fn lease_survives_a_leader_change_while_kept_alive_then_expires() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lease_keeps_its_remaining_ttl_across_a_leader_change() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let follower = cluster.others(leader)[0];
+    let eps = cluster.endpoints();
+    let mut c = client(&eps[follower]).await;
+    let granted = Instant::now();
+    let lease = c.lease_grant(8, None).await.expect("grant").id();
+    c.put(
+        "unrenewed",
+        "v",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put with lease");
+    // Past half the TTL the leader checkpoints the remaining TTL through raft; then it dies.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    cluster.members[leader].kill9();
+    cluster.wait_leader(Some(leader));
+    // The new leader resumes from the checkpoint (about 4 s left), not from the full 8 s that
+    // a leader change without checkpoints would grant.
+    let ttl = loop {
+        match c.lease_time_to_live(lease, None).await {
+            Ok(r) => break r.ttl(),
+            Err(e) => {
+                assert!(granted.elapsed() < Duration::from_secs(8), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(
+        (0..=5).contains(&ttl),
+        "remaining TTL after the leader change: {ttl}"
+    );
+    loop {
+        let got = c
+            .get("unrenewed", Some(GetOptions::new().with_serializable()))
+            .await;
+        if got.is_ok_and(|r| r.count() == 0) {
+            break;
+        }
+        assert!(
+            granted.elapsed() < Duration::from_secs(8 + 3),
+            "the lease outlived its TTL: the leader change reset it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
