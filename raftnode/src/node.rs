@@ -564,7 +564,9 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         cluster_name: config.cluster_token.clone(),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
         election_timeout_min: election_ms,
-        election_timeout_max: election_ms * 2,
+        // openraft makes followers refuse votes for `election_timeout_max` after the last
+        // heartbeat (its leader lease); a narrow window lets a second campaign win soon.
+        election_timeout_max: election_ms + election_ms / 4,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
         max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
         max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,

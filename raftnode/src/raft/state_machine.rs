@@ -242,7 +242,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let incoming = dir.join(SNAP_INCOMING);
             let mut input = io::BufReader::new(std::fs::File::open(&incoming).map_err(snap_err)?);
             store.import(&mut input).map_err(snap_err)?;
-            std::fs::rename(&incoming, dir.join(SNAP_DATA)).map_err(snap_err)?;
+            // The store now holds the state; like a built snapshot, the current one carries no
+            // data copy (it would double the disk used).
+            drop(input);
+            std::fs::write(dir.join(SNAP_DATA), b"").map_err(snap_err)?;
+            std::fs::remove_file(&incoming).map_err(snap_err)?;
             std::fs::write(dir.join(SNAP_META), meta_bytes).map_err(snap_err)
         })
         .await

@@ -227,6 +227,17 @@ async fn a_member_behind_a_log_purge_catches_up_by_snapshot() {
     );
     let hashes = hash_kvs(&eps, rev).await;
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+    // The received export is not kept once installed (the store holds the state).
+    let snap_dir = cluster.members[lagging].data_dir().join("snap");
+    let kept: u64 = std::fs::read_dir(&snap_dir)
+        .expect("snap dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        kept < 4096,
+        "{kept} bytes of snapshot files kept in {snap_dir:?}"
+    );
     // And it keeps replicating after the snapshot.
     let r = c.put("snap/after", "x", None).await.expect("put");
     let after = r.header().expect("header").revision();
