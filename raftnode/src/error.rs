@@ -58,6 +58,12 @@ pub enum Error {
     /// Peer URLs that do not parse.
     #[error("etcdserver: given member URLs are invalid")]
     InvalidPeerUrls,
+    /// A membership change would leave fewer running voters than a quorum.
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    /// MoveLeader did not complete in time.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     /// Anything unexpected; the message is passed through.
     #[error("{0}")]
     Internal(String),

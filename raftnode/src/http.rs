@@ -107,6 +107,23 @@ fn refresh_gauges(node: &Node) {
     metrics::gauge!("etcd_server_version", "server_version" => ETCD_COMPAT_VERSION).set(1.0);
     metrics::gauge!("etcd_server_id", "server_id" => format!("{:x}", node.member_id)).set(1.0);
     metrics::gauge!("etcd_server_is_learner").set(if node.is_learner() { 1.0 } else { 0.0 });
+    for m in crate::membership::list(node) {
+        if m.id == node.member_id {
+            continue;
+        }
+        let connected = m
+            .member
+            .peer_urls
+            .first()
+            .and_then(|u| crate::config::parse_url(u).ok())
+            .is_some_and(|a| node.peers.connected(a));
+        metrics::gauge!(
+            "etcd_network_active_peers",
+            "Local" => format!("{:x}", node.member_id),
+            "Remote" => format!("{:x}", m.id)
+        )
+        .set(if connected { 1.0 } else { 0.0 });
+    }
     metrics::gauge!("keyhold_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 

@@ -108,6 +108,14 @@ pub async fn change_on_leader(node: &Node, change: MembershipChange) -> Result<(
                 if find(id).is_some() {
                     return Err(Error::MemberIdExists);
                 }
+                if !learner {
+                    // etcd's strict reconfiguration check: the new voter has not started, so
+                    // the running voters alone must make the new quorum.
+                    let voters = listed.iter().filter(|l| !l.is_learner).count() + 1;
+                    if started_voters(node, &listed, None) < voters / 2 + 1 {
+                        return Err(Error::NotEnoughStartedMembers);
+                    }
+                }
                 if learner && listed.iter().filter(|l| l.is_learner).count() >= LEARNERS_MAX {
                     return Err(Error::TooManyLearners);
                 }
@@ -128,6 +136,12 @@ pub async fn change_on_leader(node: &Node, change: MembershipChange) -> Result<(
             }
             MembershipChange::Remove { id } => {
                 let m = find(id).ok_or(Error::MemberNotFound)?;
+                if !m.is_learner {
+                    let voters = listed.iter().filter(|l| !l.is_learner).count() - 1;
+                    if started_voters(node, &listed, Some(id)) < voters / 2 + 1 {
+                        return Err(Error::NotEnoughStartedMembers);
+                    }
+                }
                 let change = if m.is_learner {
                     ChangeMembers::RemoveNodes(BTreeSet::from([id]))
                 } else {
@@ -186,6 +200,23 @@ async fn set_node(node: &Node, id: u64, member: Member) -> Result<()> {
         .await
         .map(|_| ())
         .map_err(raft_error)
+}
+
+/// Voters that are running as far as this leader can tell (itself, and those it holds a live
+/// peer connection to), leaving out `except`.
+fn started_voters(node: &Node, listed: &[Listed], except: Option<u64>) -> usize {
+    listed
+        .iter()
+        .filter(|l| !l.is_learner && Some(l.id) != except)
+        .filter(|l| {
+            l.id == node.member_id
+                || l.member
+                    .peer_urls
+                    .first()
+                    .and_then(|u| crate::config::parse_url(u).ok())
+                    .is_some_and(|a| node.peers.connected(a))
+        })
+        .count()
 }
 
 /// Whether learner `id` has replicated enough of the leader's log to be promoted.

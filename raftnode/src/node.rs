@@ -80,6 +80,9 @@ pub struct Node {
     reads: mpsc::Sender<oneshot::Sender<Result<u64>>>,
     /// The peer plane.
     pub peers: Arc<Peers>,
+    /// Held for writing while leadership is being moved (MoveLeader): proposals and read-index
+    /// rounds, which would refresh the followers' leader leases, wait (read side).
+    transfer_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// A write waiting to be proposed, with where its outcome goes.
@@ -117,6 +120,7 @@ struct Router {
     peers: Arc<Peers>,
     me: u64,
     timeout: Duration,
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Router {
@@ -246,6 +250,8 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
         let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let router = router.clone();
         tokio::spawn(async move {
+            let gate = router.gate.clone();
+            let _open = gate.read().await;
             match router.submit(Proposal { writes }).await {
                 Ok(Applied::Writes(results)) if results.len() == waiters.len() => {
                     for (w, r) in waiters.into_iter().zip(results) {
@@ -277,7 +283,10 @@ async fn read_indexer(router: Router, mut queue: mpsc::Receiver<oneshot::Sender<
         while let Ok(next) = queue.try_recv() {
             waiters.push(next);
         }
-        let index = router.read_index().await;
+        let index = {
+            let _open = router.gate.read().await;
+            router.read_index().await
+        };
         for w in waiters {
             let _ = w.send(index.clone());
         }
@@ -368,6 +377,7 @@ impl Node {
             peers: self.peers.clone(),
             me: self.member_id,
             timeout: self.request_timeout(),
+            gate: self.transfer_gate.clone(),
         }
     }
 
@@ -406,6 +416,7 @@ impl Node {
     /// # Errors
     /// `NotLeader`/`LeaderChanged` when this member does not lead, `Timeout`.
     pub async fn lead_proposal(&self, proposal: Proposal) -> Result<(u64, Applied)> {
+        let _open = self.transfer_gate.read().await;
         if !self.is_leader() {
             return Err(Error::LeaderChanged);
         }
@@ -422,7 +433,86 @@ impl Node {
     /// # Errors
     /// `LeaderChanged`, `NoLeader`, `Timeout`.
     pub async fn lead_read_index(&self) -> Result<u64> {
+        let _open = self.transfer_gate.read().await;
         leader_read_index(&self.raft).await
+    }
+
+    /// Moves leadership to voter `target` (etcd's MoveLeader). openraft 0.9 has no TimeoutNow,
+    /// so the leader quiesces instead: once `target` has the whole log, the other followers'
+    /// election timers are turned off, this leader stops heartbeats and proposals for one
+    /// leader lease (`election_timeout_max`, after which followers grant votes again), and
+    /// `target` campaigns; its log is the longest, so it wins. Writes wait (not fail) meanwhile.
+    ///
+    /// # Errors
+    /// `NotLeader` on a follower, `BadLeaderTransferee`, `LeaderTransferTimeout`.
+    pub async fn move_leader(&self, target: u64) -> Result<()> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        let listed = crate::membership::list(self);
+        if !listed.iter().any(|m| m.id == target && !m.is_learner) {
+            return Err(Error::BadLeaderTransferee);
+        }
+        if target == self.member_id {
+            return Ok(());
+        }
+        let others: Vec<u64> = listed
+            .iter()
+            .filter(|m| m.id != target && m.id != self.member_id)
+            .map(|m| m.id)
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.request_timeout();
+        let _quiet = tokio::time::timeout_at(deadline, self.transfer_gate.write())
+            .await
+            .map_err(|_| Error::LeaderTransferTimeout)?;
+        let router = self.router();
+        let set_elect = |enabled: bool| {
+            let (router, others) = (router.clone(), others.clone());
+            async move {
+                for id in others {
+                    if let Some(addr) = member_addr(&router.raft, id) {
+                        let req = PeerRequest::SetElect { enabled };
+                        let _ = router.peers.call(id, addr, req, router.timeout).await;
+                    }
+                }
+            }
+        };
+        let transfer = async {
+            // The target must hold the whole log, or it could not win.
+            let mut metrics = self.raft.metrics();
+            metrics
+                .wait_for(|m| {
+                    let last = m.last_log_index;
+                    m.replication
+                        .as_ref()
+                        .is_some_and(|r| r.get(&target).cloned().flatten().map(|l| l.index) == last)
+                })
+                .await
+                .map_err(|_| Error::Stopped)?;
+            set_elect(false).await;
+            self.raft.runtime_config().heartbeat(false);
+            let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+            tokio::time::sleep(lease + self.config.heartbeat).await;
+            let addr = member_addr(&self.raft, target).ok_or(Error::BadLeaderTransferee)?;
+            router
+                .peers
+                .call(target, addr, PeerRequest::Campaign, router.timeout)
+                .await
+                .map_err(|_| Error::LeaderTransferTimeout)?;
+            let mut metrics = self.raft.metrics();
+            metrics
+                .wait_for(|m| m.current_leader == Some(target))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            Ok(())
+        };
+        let outcome = tokio::time::timeout_at(deadline, transfer).await;
+        self.raft.runtime_config().heartbeat(true);
+        set_elect(true).await;
+        match outcome {
+            Ok(r) => r,
+            Err(_) => Err(Error::LeaderTransferTimeout),
+        }
     }
 
     /// Renews a lease on the leader: remaining TTL, 0 when unknown or expired.
@@ -592,6 +682,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         proposals,
         reads,
         peers: peers.clone(),
+        transfer_gate: Arc::default(),
     });
     let peer_server = tokio::spawn(crate::peer::server::serve(endpoint, node.clone()));
     tracing::info!(

@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status};
 
 use super::status::store_err;
 use super::{current_header, header};
-use crate::error::Error;
 use crate::node::{ETCD_COMPAT_VERSION, Node};
 
 /// Bytes per Snapshot message, as etcd (32 KiB).
@@ -252,22 +251,7 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        if !self.node.is_leader() {
-            return Err(Error::NotLeader.into());
-        }
-        let target = req.into_inner().target_id;
-        let voter = crate::membership::list(&self.node)
-            .iter()
-            .any(|m| m.id == target && !m.is_learner);
-        if !voter {
-            return Err(Error::BadLeaderTransferee.into());
-        }
-        if target != self.node.member_id {
-            // openraft 0.9 has no leader transfer (TimeoutNow); 0.10 adds it.
-            return Err(Status::unimplemented(
-                "keyhold: moving leadership to another member is not supported yet",
-            ));
-        }
+        self.node.move_leader(req.into_inner().target_id).await?;
         Ok(Response::new(pb::MoveLeaderResponse {
             header: current_header(&self.node),
         }))

@@ -81,6 +81,14 @@ impl From<Error> for Status {
                 Code::FailedPrecondition,
                 "etcdserver: can only promote a learner member which is in sync with leader",
             ),
+            Error::NotEnoughStartedMembers => (
+                Code::FailedPrecondition,
+                "etcdserver: re-configuration failed due to not enough started members",
+            ),
+            Error::LeaderTransferTimeout => (
+                Code::Unavailable,
+                "etcdserver: request timed out, leader transfer took too long",
+            ),
             Error::TooManyLearners => (
                 Code::FailedPrecondition,
                 "etcdserver: too many learner members in cluster",

@@ -231,6 +231,21 @@ impl Peers {
         }
     }
 
+    /// Whether this member holds a live connection to `addr` (a peer that is running and
+    /// reachable; used by the strict reconfiguration check).
+    pub fn connected(&self, addr: SocketAddr) -> bool {
+        let slot = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.get(&addr).cloned()
+        };
+        slot.and_then(|s| {
+            s.try_lock()
+                .ok()
+                .map(|s| s.conn.as_ref().is_some_and(|c| c.close_reason().is_none()))
+        })
+        .unwrap_or(false)
+    }
+
     /// Closes every connection (shutdown).
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");

@@ -81,6 +81,18 @@ async fn handle(node: &Arc<Node>, request: PeerRequest, recv: &mut quinn::RecvSt
             crate::membership::change_on_leader(node, change).await?;
             Ok(PeerResponse::Changed)
         }
+        PeerRequest::SetElect { enabled } => {
+            node.raft.runtime_config().elect(enabled);
+            Ok(PeerResponse::Changed)
+        }
+        PeerRequest::Campaign => {
+            node.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|_| Error::Stopped)?;
+            Ok(PeerResponse::Changed)
+        }
         PeerRequest::Hello => Ok(PeerResponse::Hello {
             cluster_id: node.cluster_id,
             member_id: node.member_id,

@@ -104,6 +104,13 @@ pub enum PeerRequest {
     ChangeMembership(MembershipChange),
     /// Who are you (a joining member learns the cluster ID).
     Hello,
+    /// Leader transfer: turn this member's election timer on or off.
+    SetElect {
+        /// Whether the member may campaign on its own.
+        enabled: bool,
+    },
+    /// Leader transfer: campaign now.
+    Campaign,
 }
 
 /// Answers, one variant per request.
@@ -128,7 +135,7 @@ pub enum PeerResponse {
     LeaseRenew(i64),
     /// To `LeaseRemaining`: remaining seconds (`None` = unknown lease).
     LeaseRemaining(Option<i64>),
-    /// To `ChangeMembership`.
+    /// To `ChangeMembership`, `SetElect` and `Campaign`.
     Changed,
     /// To `Hello`.
     Hello {

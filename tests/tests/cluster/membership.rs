@@ -202,3 +202,89 @@ async fn add_a_learner_promote_it_and_remove_an_old_member_under_load() {
 fn eps_peer(cluster: &Cluster, i: usize) -> String {
     cluster.members[i].peer_url()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_hands_leadership_to_the_chosen_voter() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let target = cluster.others(leader)[0];
+    let ids = cluster.member_ids();
+    let eps = cluster.endpoints();
+
+    let mut on_follower = client(&eps[target]).await;
+    let (code, msg) = status(
+        on_follower
+            .maintenance_client()
+            .move_leader(ids[leader])
+            .await,
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::FailedPrecondition, "etcdserver: not leader")
+    );
+    let mut on_leader = client(&eps[leader]).await;
+    let (code, msg) = status(on_leader.maintenance_client().move_leader(12345).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: bad leader transferee"
+        )
+    );
+
+    on_leader
+        .maintenance_client()
+        .move_leader(ids[target])
+        .await
+        .expect("move leader");
+    let status = on_follower.status().await.expect("status");
+    assert_eq!(status.leader(), ids[target], "leadership went elsewhere");
+    assert_eq!(cluster.wait_leader(Some(leader)), target);
+    // Writes through the old leader go on (forwarded to the new one).
+    let r = on_leader.put("after-move", "x", None).await.expect("put");
+    wait_revision(&eps, r.header().expect("header").revision()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_add_that_would_lose_quorum_is_refused() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let stopped = cluster.others(leader)[0];
+    let ids = cluster.member_ids();
+    cluster.members[stopped].kill9();
+    // Wait until the leader no longer counts the stopped member as running.
+    let gauge = format!(
+        "etcd_network_active_peers{{Local=\"{:x}\",Remote=\"{:x}\"}}",
+        ids[leader], ids[stopped]
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.members[leader].metric(&gauge) != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "peer still counted as active"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admin = client(&cluster.members[leader].endpoint()).await;
+    // Four voters need three running; only two run.
+    let (code, msg) = status(
+        admin
+            .member_add([format!("http://127.0.0.1:{}", free_port())], None)
+            .await,
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: re-configuration failed due to not enough started members"
+        )
+    );
+    // A learner does not vote, so it may be added.
+    admin
+        .member_add(
+            [format!("http://127.0.0.1:{}", free_port())],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("learner add");
+}
