@@ -9,10 +9,28 @@ use std::time::{Duration, Instant};
 /// How long a node may take to answer `/health` after start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free TCP port on 127.0.0.1 (bound then released; the OS does not reuse it at once).
+/// Ports handed to test processes come from below the kernel's ephemeral range (32768+), so
+/// client connections never take them, and each test process starts at its own offset.
+const PORT_RANGE: std::ops::Range<u16> = 10_000..32_000;
+
+/// A port free on 127.0.0.1 for both TCP (client port) and UDP (QUIC peer port): never handed
+/// out twice by this process, checked by binding both, then released for the node to bind.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    // Processes of one test run get offsets far apart (PIDs are mostly consecutive).
+    let base = std::process::id().wrapping_mul(7_919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "out of test ports");
+        let port = PORT_RANGE.start + ((base.wrapping_add(n)) % span) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Whether the tests run against Debian's etcd (`KEYHOLD_TEST_TARGET=etcd`) instead of
