@@ -288,3 +288,61 @@ async fn a_voter_add_that_would_lose_quorum_is_refused() {
         .await
         .expect("learner add");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_update_replaces_peer_urls_with_etcds_errors() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let follower = cluster.others(leader)[0];
+    // Through a follower: the change is forwarded to the leader.
+    let mut admin = client(&cluster.members[follower].endpoint()).await;
+    let first = format!("http://127.0.0.1:{}", free_port());
+    let added = admin
+        .member_add(
+            [first],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("add a learner that never starts");
+    let id = added.member().expect("member").id();
+    let moved = format!("http://127.0.0.1:{}", free_port());
+    admin
+        .member_update(id, [moved.clone()])
+        .await
+        .expect("member update");
+    let list = admin.member_list().await.expect("list");
+    let m = list
+        .members()
+        .iter()
+        .find(|m| m.id() == id)
+        .expect("updated member listed");
+    assert_eq!(m.peer_urls(), [moved]);
+    assert!(m.is_learner());
+
+    let (code, msg) = status(
+        admin
+            .member_update(id, [cluster.members[leader].peer_url()])
+            .await,
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: Peer URLs already exists"
+        )
+    );
+    let (code, msg) = status(admin.member_update(42, ["http://127.0.0.1:1".into()]).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::NotFound, "etcdserver: member not found")
+    );
+    let (code, msg) = status(admin.member_update(id, ["not a url".into()]).await);
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::InvalidArgument,
+            "etcdserver: given member URLs are invalid"
+        )
+    );
+    admin.member_remove(id).await.expect("remove the learner");
+}
