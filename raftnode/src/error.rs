@@ -61,6 +61,10 @@ pub enum Error {
     /// A membership change would leave fewer running voters than a quorum.
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     NotEnoughStartedMembers,
+    /// Another membership change is still committing (retried internally; clients see
+    /// `request timed out` if it never clears).
+    #[error("etcdserver: request timed out")]
+    ConfigChangeInProgress,
     /// MoveLeader did not complete in time.
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,

@@ -18,6 +18,8 @@ use crate::raft::Member;
 pub const LEARNERS_MAX: usize = 1;
 /// A learner may be promoted once it has replicated this share of the leader's log (etcd: 90%).
 const PROMOTE_MATCH_PERCENT_MIN: u64 = 90;
+/// Pause before retrying a membership change while the previous one commits.
+const CHANGE_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 /// How often a running member re-checks that its published attributes are current.
 const PUBLISH_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -71,6 +73,9 @@ fn raft_error(e: RaftError<u64, openraft::error::ClientWriteError<u64, Member>>)
                 Error::NoLeader
             }
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(_),
+        )) => Error::ConfigChangeInProgress,
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Error::Internal(format!("etcdserver: {e}"))
         }
@@ -83,6 +88,25 @@ fn raft_error(e: RaftError<u64, openraft::error::ClientWriteError<u64, Member>>)
 /// # Errors
 /// etcd's membership errors, `LeaderChanged` when this member does not lead, `Timeout`.
 pub async fn change_on_leader(node: &Node, change: MembershipChange) -> Result<()> {
+    // One change at a time (raft allows one uncommitted configuration; etcd serializes its
+    // conf changes the same way), retried while openraft still reports one in progress.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let deadline = tokio::time::Instant::now() + node.request_timeout();
+    let _one = tokio::time::timeout_at(deadline, SERIAL.lock())
+        .await
+        .map_err(|_| Error::Timeout)?;
+    loop {
+        match change_once(node, change.clone()).await {
+            Err(Error::ConfigChangeInProgress) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(CHANGE_RETRY).await;
+            }
+            Err(Error::ConfigChangeInProgress) => return Err(Error::Timeout),
+            other => return other,
+        }
+    }
+}
+
+async fn change_once(node: &Node, change: MembershipChange) -> Result<()> {
     if !node.is_leader() {
         return Err(Error::LeaderChanged);
     }

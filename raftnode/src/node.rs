@@ -44,6 +44,8 @@ const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000;
 const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 200;
 /// Entries per append-entries message (each up to ~6 MiB; see `peer::wire::FRAME_BYTES_MAX`).
 const RAFT_PAYLOAD_ENTRIES_MAX: u64 = 16;
+/// Read-index rounds in flight at once (each is one quorum confirmation).
+const READ_ROUNDS_IN_FLIGHT_MAX: usize = 4;
 /// Linearizable reads waiting for the next read-index round.
 const READ_INDEX_QUEUE_MAX: usize = 4096;
 /// Meta key of the cluster ID, learned at bootstrap or from a peer when joining.
@@ -276,20 +278,30 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
 }
 
 /// Serves linearizable reads in rounds: every read queued when a round starts shares that
-/// round's read index (one quorum confirmation for many reads, as etcd batches ReadIndex).
+/// round's read index (one quorum confirmation for many reads, as etcd batches ReadIndex). Up
+/// to `READ_ROUNDS_IN_FLIGHT_MAX` rounds overlap, so reads arriving during a round do not wait
+/// for it to end. A round only ever serves reads queued before it started.
 async fn read_indexer(router: Router, mut queue: mpsc::Receiver<oneshot::Sender<Result<u64>>>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(READ_ROUNDS_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let mut waiters = vec![first];
         while let Ok(next) = queue.try_recv() {
             waiters.push(next);
         }
-        let index = {
-            let _open = router.gate.read().await;
-            router.read_index().await
-        };
-        for w in waiters {
-            let _ = w.send(index.clone());
-        }
+        let router = router.clone();
+        tokio::spawn(async move {
+            let index = {
+                let _open = router.gate.read().await;
+                router.read_index().await
+            };
+            for w in waiters {
+                let _ = w.send(index.clone());
+            }
+            drop(permit);
+        });
     }
 }
 

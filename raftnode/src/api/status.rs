@@ -85,6 +85,7 @@ impl From<Error> for Status {
                 Code::FailedPrecondition,
                 "etcdserver: re-configuration failed due to not enough started members",
             ),
+            Error::ConfigChangeInProgress => (Code::Unavailable, "etcdserver: request timed out"),
             Error::LeaderTransferTimeout => (
                 Code::Unavailable,
                 "etcdserver: request timed out, leader transfer took too long",
