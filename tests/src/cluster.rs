@@ -14,10 +14,14 @@ pub const FAST_ELECTION: &[&str] = &["--heartbeat-interval", "50", "--election-t
 
 /// N members started together as a new cluster.
 pub struct Cluster {
-    /// The members, in `--initial-cluster` order (`m0`, `m1`, ...).
+    /// The members, in `--initial-cluster` order (`m0`, `m1`, ...), then members that joined.
     pub members: Vec<NodeProcess>,
     /// `--initial-cluster-token`.
     pub token: String,
+    /// Indexes of members removed from the cluster (their processes are stopped).
+    pub removed: Vec<usize>,
+    flags: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// The cluster flags of member `name` in `initial_cluster` with state `state`.
@@ -67,7 +71,57 @@ impl Cluster {
         for m in &mut members {
             m.wait_ready();
         }
-        Self { members, token }
+        Self {
+            members,
+            token,
+            removed: Vec::new(),
+            flags: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Starts a member on `client_port`/`peer_port` that joins the running cluster with
+    /// `--initial-cluster-state existing` (after a `member add` of its peer URL); returns its
+    /// index. Does not wait: a learner is not healthy until promoted.
+    pub fn join(&mut self, client_port: u16, peer_port: u16) -> usize {
+        let i = self.members.len();
+        let mut initial: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| !self.removed.contains(j))
+            .map(|(j, m)| format!("m{j}={}", m.peer_url()))
+            .collect();
+        initial.push(format!("m{i}=http://127.0.0.1:{peer_port}"));
+        let args = cluster_args(
+            &format!("m{i}"),
+            &initial.join(","),
+            "existing",
+            &self.token,
+        );
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut m = NodeProcess::member(client_port, peer_port, args, &flags, &env);
+        m.spawn_no_wait();
+        self.members.push(m);
+        i
+    }
+
+    /// Client endpoints of the members that are still part of the cluster.
+    pub fn active_endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.removed.contains(i))
+            .map(|(_, m)| m.endpoint())
+            .collect()
     }
 
     /// Every member's client endpoint.
@@ -113,7 +167,7 @@ impl Cluster {
     /// Indexes of running members other than `i`.
     pub fn others(&self, i: usize) -> Vec<usize> {
         (0..self.members.len())
-            .filter(|&j| j != i && self.members[j].is_running())
+            .filter(|&j| j != i && self.members[j].is_running() && !self.removed.contains(&j))
             .collect()
     }
 

@@ -57,6 +57,8 @@ pub enum Fault {
     OneWayPartition,
     /// SIGTERM every member, then start them all again (cluster only).
     RestartAll,
+    /// Add a learner, promote it, remove a follower, all under traffic (cluster only).
+    MemberChurn,
 }
 
 impl Fault {
@@ -70,7 +72,7 @@ impl Fault {
     ];
 
     /// Every cluster scenario.
-    pub const CLUSTER: [Fault; 8] = [
+    pub const CLUSTER: [Fault; 9] = [
         Fault::None,
         Fault::Kill,
         Fault::KillFollower,
@@ -78,6 +80,7 @@ impl Fault {
         Fault::Partition,
         Fault::OneWayPartition,
         Fault::RestartAll,
+        Fault::MemberChurn,
         Fault::Compaction,
     ];
 
@@ -93,6 +96,7 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::OneWayPartition => "one-way-partition",
             Fault::RestartAll => "restart-all",
+            Fault::MemberChurn => "member-churn",
         }
     }
 
@@ -146,6 +150,8 @@ pub struct Report {
     pub failing_history: Vec<Op>,
     /// Time the linearizability check took.
     pub check_ms: u64,
+    /// The fault could not be injected as planned (a run that did not test what it claims).
+    pub fault_errors: Vec<String>,
 }
 
 impl Report {
@@ -154,21 +160,25 @@ impl Report {
         self.linearizable == Some(Verdict::Linearizable)
             && self.watch_violations.is_empty()
             && self.lost_writes.is_empty()
+            && self.fault_errors.is_empty()
     }
 
     /// A human-readable summary (printed on failure with the reproducer command).
     pub fn summary(&self, cfg: &RunConfig) -> String {
         let mut s = format!(
-            "scenario={} members={} seed={} ops={} unknown_writes={} watch_events={} linearizable={:?} watch_violations={} lost_writes={} check_ms={}\n",
+            "scenario={} members={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} check_ms={}\n",
             cfg.fault.name(),
             cfg.members,
             self.seed,
             self.ops,
             self.unknown_writes,
             self.watch_events,
-            self.linearizable
-                .as_ref()
-                .map(|v| matches!(v, Verdict::Linearizable)),
+            match &self.linearizable {
+                Some(Verdict::Linearizable) => "yes",
+                Some(Verdict::Violation { .. }) => "VIOLATION",
+                Some(Verdict::Inconclusive) => "inconclusive (search budget spent)",
+                None => "not checked",
+            },
             self.watch_violations.len(),
             self.lost_writes.len(),
             self.check_ms,
@@ -180,6 +190,9 @@ impl Report {
             cfg.duration.as_secs(),
             self.seed
         );
+        for e in &self.fault_errors {
+            s += &format!("  fault error: {e}\n");
+        }
         for t in &self.timeline {
             s += &format!("  fault: {t}\n");
         }
@@ -645,6 +658,11 @@ impl Injector {
                 });
                 self.log("every member restarted".into());
             }
+            Fault::MemberChurn => {
+                if let Err(e) = self.churn(leader, &endpoints[leader]).await {
+                    self.log(format!("FAILED member churn: {e}"));
+                }
+            }
             Fault::Compaction => {
                 let Some(mut c) = connect(&endpoints[leader]).await else {
                     return;
@@ -670,6 +688,76 @@ impl Injector {
                 watches.spawn(target, true);
             }
         }
+    }
+}
+
+impl Injector {
+    /// Adds a learner, waits until it caught up, promotes it, then removes a follower.
+    async fn churn(&self, leader: usize, leader_endpoint: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = connect(leader_endpoint)
+            .await
+            .ok_or("no admin connection")?;
+        let (client_port, peer_port) = (crate::free_port(), crate::free_port());
+        let opts = etcd_client::MemberAddOptions::new().with_is_learner();
+        let added = admin
+            .member_add([format!("http://127.0.0.1:{peer_port}")], Some(opts))
+            .await
+            .map_err(|e| format!("member add: {e}"))?;
+        let id = added.member().ok_or("no member in the answer")?.id();
+        self.log(format!("member add {id:x} (learner)"));
+        let joined = self.with(|c| c.join(client_port, peer_port));
+        let endpoint = format!("127.0.0.1:{client_port}");
+        // Caught up once it serves the revision the leader had after the add.
+        let target = admin
+            .get("churn", None)
+            .await
+            .ok()
+            .and_then(|r| r.header().map(|h| h.revision()))
+            .unwrap_or(1);
+        loop {
+            let at = match connect(&endpoint).await {
+                Some(mut c) => c
+                    .get("churn", Some(GetOptions::new().with_serializable()))
+                    .await
+                    .ok()
+                    .and_then(|r| r.header().map(|h| h.revision()))
+                    .unwrap_or(0),
+                None => 0,
+            };
+            if at >= target {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the learner did not catch up".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while let Err(e) = admin.member_promote(id).await {
+            if Instant::now() > deadline {
+                return Err(format!("member promote: {e}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.log(format!("member {joined} ({id:x}) promoted"));
+        let victim = self.with(|c| {
+            c.members[joined].wait_ready();
+            c.others(leader).into_iter().find(|&i| i != joined)
+        });
+        let victim = victim.ok_or("no follower to remove")?;
+        let victim_id = self
+            .with(|c| c.members[victim].member_id())
+            .ok_or("no member id")?;
+        admin
+            .member_remove(victim_id)
+            .await
+            .map_err(|e| format!("member remove: {e}"))?;
+        self.with(|c| {
+            c.members[victim].terminate();
+            c.removed.push(victim);
+        });
+        self.log(format!("member {victim} ({victim_id:x}) removed"));
+        Ok(())
     }
 }
 
@@ -791,6 +879,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
     }
     let _ = injecting.await;
     // Let every member and every watch catch up to the final revision, then stop the watches.
+    let endpoints = injector.with(|c| c.active_endpoints());
     let final_rev = final_revision(&endpoints).await;
     converge(&endpoints, final_rev).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -811,7 +900,9 @@ pub async fn run(cfg: &RunConfig) -> Report {
         }
         c.members
             .iter()
-            .map(|m| m.dump_history())
+            .enumerate()
+            .filter(|(i, _)| !c.removed.contains(i))
+            .map(|(_, m)| m.dump_history())
             .collect::<Vec<_>>()
     });
     let comparable = |dump: &str| -> Vec<String> {
@@ -849,6 +940,12 @@ pub async fn run(cfg: &RunConfig) -> Report {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    report.fault_errors = report
+        .timeline
+        .iter()
+        .filter(|t| t.contains("FAILED"))
+        .cloned()
+        .collect();
 
     let mut ops = rec.ops();
     report.unknown_writes = ops.iter().filter(|o| o.ret.is_none()).count();

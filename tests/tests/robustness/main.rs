@@ -128,6 +128,11 @@ async fn cluster_restart_all_members() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_member_churn_under_traffic() {
+    must_pass_on(3, Fault::MemberChurn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_compaction_while_watches_catch_up() {
     must_pass_on(3, Fault::Compaction).await;
 }
