@@ -110,19 +110,22 @@ impl List {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Bits(Vec<u64>);
+/// Zobrist key of op `i`: the set of linearized ops is fingerprinted as the XOR of its members'
+/// keys, so a search step costs O(1) instead of copying and hashing a bitset of every op (the
+/// memo is keyed by 128-bit fingerprints of (linearized set, model state); a collision, at odds
+/// of about 2^-64 per pair, could only hide a linearization, never invent one).
+fn op_key(i: usize) -> u64 {
+    let mut z = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
-impl Bits {
-    fn new(n: usize) -> Self {
-        Self(vec![0; n.div_ceil(64)])
-    }
-    fn set(&mut self, i: usize) {
-        self.0[i / 64] |= 1 << (i % 64);
-    }
-    fn clear(&mut self, i: usize) {
-        self.0[i / 64] &= !(1 << (i % 64));
-    }
+fn state_hash(state: &KvState) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    state.hash(&mut h);
+    h.finish()
 }
 
 /// Checks `ops` against the KV model from an empty store, giving up after `budget`.
@@ -130,8 +133,8 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
     let deadline = Instant::now() + budget;
     let mut list = List::new(ops);
     let mut state = KvState::default();
-    let mut linearized = Bits::new(ops.len());
-    let mut cache: HashSet<(Bits, KvState)> = HashSet::new();
+    let mut linearized = 0u64;
+    let mut cache: HashSet<(u64, u64)> = HashSet::new();
     let mut calls: Vec<(usize, KvState)> = Vec::new();
     let mut longest: Vec<usize> = Vec::new();
     let mut steps = 0u64;
@@ -145,9 +148,8 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
         if node.is_call {
             let op = &ops[node.op];
             if let Some(next) = state.step(&op.input, &op.output) {
-                let mut bits = linearized.clone();
-                bits.set(node.op);
-                if cache.insert((bits.clone(), next.clone())) {
+                let bits = linearized ^ op_key(node.op);
+                if cache.insert((bits, state_hash(&next))) {
                     calls.push((entry, std::mem::replace(&mut state, next)));
                     linearized = bits;
                     list.lift(entry);
@@ -164,7 +166,7 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
             let Some((call, previous)) = calls.pop() else {
                 return Verdict::Violation { longest };
             };
-            linearized.clear(list.nodes[call].op);
+            linearized ^= op_key(list.nodes[call].op);
             state = previous;
             list.unlift(call);
             entry = list.nodes[call].next;
