@@ -984,6 +984,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
 /// persisted history happened at that revision; one whose value is not there never happened
 /// (and is removed, which keeps the search small).
 fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
+    patch_unknown_deletes(ops, truth);
     let committed = |v: u64| {
         truth
             .events
@@ -1014,6 +1015,62 @@ fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
                 }
                 None => truth.compact_revision > 0,
             },
+            _ => true,
+        }
+    });
+}
+
+/// Unknown deletes resolved from the persisted history: tombstones of a key that no
+/// acknowledged delete or revoke explains. None means the unknown delete changed nothing (it
+/// never ran, or found no key) and is dropped; exactly one for exactly one unknown delete of
+/// that key means it ran at that revision. Anything else stays unknown for the checker.
+fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
+    use std::collections::{BTreeMap, BTreeSet};
+    if truth.compact_revision > 0 {
+        return; // tombstones below the compact revision are gone: no conclusion possible
+    }
+    let explained: BTreeSet<i64> = ops
+        .iter()
+        .filter(|o| o.ret.is_some())
+        .filter_map(|o| match o.output {
+            Output::Delete { deleted, revision } if deleted > 0 => Some(revision),
+            Output::Lease { revision } if matches!(o.input, Input::LeaseRevoke(_)) => {
+                Some(revision)
+            }
+            _ => None,
+        })
+        .collect();
+    let mut unexplained: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
+    for e in truth.events.iter().filter(|e| !e.put) {
+        if !explained.contains(&e.revision) {
+            unexplained
+                .entry(e.key.clone())
+                .or_default()
+                .push(e.revision);
+        }
+    }
+    let mut unknown_per_key: BTreeMap<u8, usize> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.ret.is_none()) {
+        if let Input::Delete(k) = o.input {
+            *unknown_per_key.entry(k).or_default() += 1;
+        }
+    }
+    ops.retain_mut(|op| {
+        let Input::Delete(k) = op.input else {
+            return true;
+        };
+        if op.ret.is_some() {
+            return true;
+        }
+        match unexplained.get(key(k).as_bytes()).map(Vec::as_slice) {
+            None | Some([]) => false,
+            Some([revision]) if unknown_per_key.get(&k) == Some(&1) => {
+                op.output = Output::Delete {
+                    deleted: 1,
+                    revision: *revision,
+                };
+                true
+            }
             _ => true,
         }
     });
