@@ -113,9 +113,7 @@ fn refresh_gauges(node: &Node) {
         }
         let connected = m
             .member
-            .peer_urls
-            .first()
-            .and_then(|u| crate::config::parse_url(u).ok())
+            .peer_addr()
             .is_some_and(|a| node.peers.connected(a));
         metrics::gauge!(
             "etcd_network_active_peers",

@@ -235,9 +235,7 @@ fn started_voters(node: &Node, listed: &[Listed], except: Option<u64>) -> usize 
         .filter(|l| {
             l.id == node.member_id
                 || l.member
-                    .peer_urls
-                    .first()
-                    .and_then(|u| crate::config::parse_url(u).ok())
+                    .peer_addr()
                     .is_some_and(|a| node.peers.connected(a))
         })
         .count()

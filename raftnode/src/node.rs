@@ -231,7 +231,7 @@ fn member_addr(raft: &Raft, id: u64) -> Option<std::net::SocketAddr> {
     let metrics = raft.metrics();
     let m = metrics.borrow();
     let member = m.membership_config.membership().get_node(&id)?;
-    member.peer_urls.first().and_then(|u| parse_url(u).ok())
+    member.peer_addr()
 }
 
 /// Batches queued writes into raft entries: one entry per batch, at most

@@ -50,6 +50,15 @@ pub struct Member {
     pub client_urls: Vec<String>,
 }
 
+impl Member {
+    /// The QUIC address peers dial: the first peer URL.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.peer_urls
+            .first()
+            .and_then(|u| crate::config::parse_url(u).ok())
+    }
+}
+
 impl std::fmt::Display for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.name, self.peer_urls.join(","))

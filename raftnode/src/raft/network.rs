@@ -22,7 +22,6 @@ use openraft::storage::Snapshot;
 use openraft::{OptionalSend, Vote};
 
 use super::{Member, TypeConfig};
-use crate::config::parse_url;
 use crate::peer::wire::{self, PeerRequest, PeerResponse, SNAPSHOT_CHUNK_BYTES};
 use crate::peer::{PeerError, Peers};
 
@@ -62,7 +61,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
         PeerClient {
             target,
-            addr: node.peer_urls.first().and_then(|u| parse_url(u).ok()),
+            addr: node.peer_addr(),
             peers: self.peers.clone(),
             store: self.store.clone(),
         }
