@@ -5,6 +5,7 @@
 mod faults;
 mod membership;
 mod replication;
+mod security;
 
 use std::time::Duration;
 

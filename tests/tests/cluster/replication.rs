@@ -249,3 +249,36 @@ async fn a_member_behind_a_log_purge_catches_up_by_snapshot() {
         .expect("get");
     assert_eq!(got.kvs()[0].value(), b"x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_keep_serving_with_two_down() {
+    let mut cluster = Cluster::start(5);
+    let leader = cluster.wait_leader(None);
+    let eps = cluster.endpoints();
+    let others = cluster.others(leader);
+    // Lose the leader and one follower: three of five are still a quorum.
+    cluster.members[leader].kill9();
+    cluster.members[others[0]].kill9();
+    let new = cluster.wait_leader(Some(leader));
+    let mut c = client(&eps[others[1]]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let rev = loop {
+        match c.put("five", "v", None).await {
+            Ok(r) => break r.header().expect("header").revision(),
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no write with 3 of 5: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(new != leader);
+    // Both come back and catch up; all five agree.
+    cluster.members[leader].restart();
+    cluster.members[others[0]].restart();
+    wait_revision(&eps, rev).await;
+    let hashes = hash_kvs(&eps, rev).await;
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+}
