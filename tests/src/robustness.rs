@@ -775,10 +775,12 @@ async fn final_revision(endpoints: &[String]) -> i64 {
 }
 
 /// Waits (bounded) until every member has applied `revision`, so their histories can be
-/// compared.
-async fn converge(endpoints: &[String], revision: i64) {
+/// compared; returns the members that did not get there, with the revision they reached.
+async fn converge(endpoints: &[String], revision: i64) -> Vec<(String, i64)> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut behind = Vec::new();
     for e in endpoints {
+        let mut reached = 0;
         while Instant::now() < deadline {
             let at = match connect(e).await {
                 Some(mut c) => c
@@ -789,12 +791,17 @@ async fn converge(endpoints: &[String], revision: i64) {
                     .unwrap_or(0),
                 None => 0,
             };
+            reached = at;
             if at >= revision {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if reached < revision {
+            behind.push((e.clone(), reached));
+        }
     }
+    behind
 }
 
 /// Runs one scenario and checks it.
@@ -881,7 +888,11 @@ pub async fn run(cfg: &RunConfig) -> Report {
     // Let every member and every watch catch up to the final revision, then stop the watches.
     let endpoints = injector.with(|c| c.active_endpoints());
     let final_rev = final_revision(&endpoints).await;
-    converge(&endpoints, final_rev).await;
+    for (member, reached) in converge(&endpoints, final_rev).await {
+        report.lost_writes.push(format!(
+            "member {member} reached revision {reached}, not the final {final_rev}, within 20 s"
+        ));
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && !watch_set.caught_up(final_rev) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -927,6 +938,11 @@ pub async fn run(cfg: &RunConfig) -> Report {
     for (i, d) in dumps.iter().enumerate().skip(1) {
         let d = comparable(d);
         if d != reference {
+            if let Some((a, b)) = reference.iter().zip(&d).find(|(a, b)| a != b) {
+                report.lost_writes.push(format!(
+                    "first difference: member 0 has {a}, member {i} has {b}"
+                ));
+            }
             report.lost_writes.push(format!(
                 "member {i}'s history differs from member 0's ({} vs {} changes)",
                 d.len(),
