@@ -240,7 +240,10 @@ impl NodeProcess {
                     self.log()
                 );
             }
-            if let Ok((200, _)) = http_get(self.client, "/health") {
+            // Only once this process has bound its ports (it logs that) may a healthy answer
+            // count: another test's process could hold a port picked for this one.
+            let bound = target_is_etcd() || self.log().contains("serving client traffic");
+            if bound && let Ok((200, _)) = http_get(self.client, "/health") {
                 return;
             }
             assert!(
