@@ -53,8 +53,27 @@ impl Cluster {
     }
 
     /// Starts `n` members with shared extra flags plus `own(i)` for member `i` (e.g. its own
-    /// certificate files).
+    /// certificate files), and waits until every one is healthy.
     pub fn start_each(
+        n: usize,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        own: impl Fn(usize) -> Vec<String>,
+    ) -> Self {
+        let mut cluster = Self::spawn(n, extra_args, env, own);
+        for m in &mut cluster.members {
+            m.wait_ready();
+        }
+        cluster
+    }
+
+    /// Starts `n` members with [`FAST_ELECTION`] timing without waiting for any to be healthy
+    /// (for tests where some never will be).
+    pub fn start_unchecked(n: usize, own: impl Fn(usize) -> Vec<String>) -> Self {
+        Self::spawn(n, FAST_ELECTION, &[], own)
+    }
+
+    fn spawn(
         n: usize,
         extra_args: &[&str],
         env: &[(&str, &str)],
@@ -80,7 +99,7 @@ impl Cluster {
         for m in &mut members {
             m.spawn_no_wait();
         }
-        let mut cluster = Self {
+        Self {
             members,
             token,
             removed: Vec::new(),
@@ -89,42 +108,6 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        for m in &mut cluster.members {
-            m.wait_ready();
-        }
-        cluster
-    }
-
-    /// Starts `n` members without waiting for any to be healthy (for tests where some never
-    /// will be).
-    pub fn start_unchecked(n: usize, own: impl Fn(usize) -> Vec<String>) -> Self {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let token = format!("keyhold-test-{}", free_port());
-        let initial = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members: Vec<NodeProcess> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (c, p))| {
-                let mut args = cluster_args(&format!("m{i}"), &initial, "new", &token);
-                args.extend(own(i));
-                NodeProcess::member(*c, *p, args, FAST_ELECTION, &[])
-            })
-            .collect();
-        for m in &mut members {
-            m.spawn_no_wait();
-        }
-        Self {
-            members,
-            token,
-            removed: Vec::new(),
-            flags: FAST_ELECTION.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
         }
     }
 
