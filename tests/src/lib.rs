@@ -25,3 +25,12 @@ pub mod watch_check;
 
 pub use cluster::Cluster;
 pub use process::{NodeProcess, etcdctl, etcdctl_stdin, free_port};
+
+/// The gRPC code and message of a failed `etcd-client` call (panics on success or on a
+/// non-gRPC error: the caller expected etcd's status).
+pub fn grpc_status<T: std::fmt::Debug>(r: Result<T, etcd_client::Error>) -> (tonic::Code, String) {
+    match r {
+        Err(etcd_client::Error::GRpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected a gRPC status error, got {other:?}"),
+    }
+}

@@ -104,20 +104,7 @@ impl NodeProcess {
 
     /// Starts with extra flags and environment variables (e.g. `KEYHOLD_FAILPOINTS`).
     pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut node = Self {
-            child: None,
-            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            peer_port: free_port(),
-            dir,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            starts: 0,
-            cluster_args: Vec::new(),
-        };
+        let mut node = Self::member(free_port(), free_port(), Vec::new(), extra_args, env);
         node.spawn();
         node
     }

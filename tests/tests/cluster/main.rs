@@ -64,11 +64,4 @@ pub(crate) async fn wait_revision(endpoints: &[String], revision: i64) {
 }
 
 /// The gRPC code and message of a failed call.
-pub(crate) fn status<T: std::fmt::Debug>(
-    r: Result<T, etcd_client::Error>,
-) -> (tonic::Code, String) {
-    match r {
-        Err(etcd_client::Error::GRpcStatus(s)) => (s.code(), s.message().to_string()),
-        other => panic!("expected a gRPC status error, got {other:?}"),
-    }
-}
+pub(crate) use keyhold_tests::grpc_status as status;
