@@ -210,7 +210,12 @@ impl Cluster {
     /// Makes member `at` drop peer traffic to `to` and from `from` (indexes); replaces its
     /// earlier faults. Logged with the time.
     pub fn set_peer_faults(&self, at: usize, to: &[usize], from: &[usize]) {
-        let ids = self.member_ids();
+        self.apply_peer_faults(&self.member_ids(), at, to, from);
+    }
+
+    /// [`Self::set_peer_faults`] with the member IDs already known (a multi-member fault is
+    /// applied in a few milliseconds, not one `/metrics` round per member per call).
+    fn apply_peer_faults(&self, ids: &[u64], at: usize, to: &[usize], from: &[usize]) {
         let hex = |list: &[usize]| {
             list.iter()
                 .map(|&i| format!("{:x}", ids[i]))
@@ -237,10 +242,11 @@ impl Cluster {
 
     /// Cuts member `i` off from every other member, both ways.
     pub fn isolate(&self, i: usize) {
+        let ids = self.member_ids();
         let others: Vec<usize> = (0..self.members.len()).filter(|&j| j != i).collect();
-        self.set_peer_faults(i, &others, &others);
+        self.apply_peer_faults(&ids, i, &others, &others);
         for &j in &others {
-            self.set_peer_faults(j, &[i], &[i]);
+            self.apply_peer_faults(&ids, j, &[i], &[i]);
         }
     }
 
@@ -248,7 +254,7 @@ impl Cluster {
     pub fn heal(&self) {
         for i in 0..self.members.len() {
             if self.members[i].is_running() {
-                self.set_peer_faults(i, &[], &[]);
+                self.apply_peer_faults(&[], i, &[], &[]);
             }
         }
     }

@@ -620,22 +620,23 @@ impl Injector {
                 self.log(format!("member {leader} restarted"));
             }
             Fault::Partition => {
+                // Logged once in force, so the timeline shows when the partition began.
+                self.with(|c| c.isolate(leader));
                 self.log(format!(
                     "partition member {leader} (leader) from the others"
                 ));
-                self.with(|c| c.isolate(leader));
                 tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
                 self.with(|c| c.heal());
                 self.log("healed".into());
             }
             Fault::OneWayPartition => {
-                self.log(format!(
-                    "member {leader} (leader) drops its outgoing peer traffic"
-                ));
                 self.with(|c| {
                     let others = c.others(leader);
                     c.set_peer_faults(leader, &others, &[]);
                 });
+                self.log(format!(
+                    "member {leader} (leader) drops its outgoing peer traffic"
+                ));
                 tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
                 self.with(|c| c.heal());
                 self.log("healed".into());
@@ -761,17 +762,25 @@ impl Injector {
     }
 }
 
-/// The highest revision any reachable member reports (linearizably).
-async fn final_revision(endpoints: &[String]) -> i64 {
-    let mut best = 0;
-    for e in endpoints {
-        if let Some(mut c) = connect(e).await
-            && let Ok(r) = c.get("final", None).await
-        {
-            best = best.max(r.header().map_or(0, |h| h.revision()));
+/// The highest revision any reachable member reports linearizably, waiting (bounded) for the
+/// cluster to have a leader again: histories are only comparable once every committed entry
+/// can reach every member. `None` when no linearizable read succeeded in time.
+async fn final_revision(endpoints: &[String]) -> Option<i64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut best = None;
+        for e in endpoints {
+            if let Some(mut c) = connect(e).await
+                && let Ok(r) = c.get("final", None).await
+            {
+                best = best.max(Some(r.header().map_or(0, |h| h.revision())));
+            }
         }
+        if best.is_some() || Instant::now() >= deadline {
+            return best;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    best
 }
 
 /// Waits (bounded) until every member has applied `revision`, so their histories can be
@@ -887,7 +896,15 @@ pub async fn run(cfg: &RunConfig) -> Report {
     let _ = injecting.await;
     // Let every member and every watch catch up to the final revision, then stop the watches.
     let endpoints = injector.with(|c| c.active_endpoints());
-    let final_rev = final_revision(&endpoints).await;
+    let final_rev = match final_revision(&endpoints).await {
+        Some(r) => r,
+        None => {
+            report
+                .lost_writes
+                .push("no linearizable read succeeded within 30 s after the run".into());
+            0
+        }
+    };
     for (member, reached) in converge(&endpoints, final_rev).await {
         report.lost_writes.push(format!(
             "member {member} reached revision {reached}, not the final {final_rev}, within 20 s"
@@ -966,7 +983,8 @@ pub async fn run(cfg: &RunConfig) -> Report {
     let mut ops = rec.ops();
     report.unknown_writes = ops.iter().filter(|o| o.ret.is_none()).count();
     patch_unknown_writes(&mut ops, &truth);
-    report.lost_writes = lost_writes(&ops, &truth);
+    // (Appended: the convergence and replica comparisons above are findings too.)
+    report.lost_writes.extend(lost_writes(&ops, &truth));
     report.ops = ops.len();
     let checking = Instant::now();
     let verdict = tokio::task::block_in_place(|| lin::check(&ops, CHECK_BUDGET));
