@@ -4,6 +4,8 @@
 //! - [`process`]: starts the real `keyhold-node` binary on loopback ports chosen at run time, on
 //!   a temporary data dir, captures its log, kills it by PID on drop (also when a test panics);
 //!   faults: kill -9, SIGTERM, SIGSTOP/SIGCONT, restart on the same data dir.
+//! - [`proxy`]: starts `keyhold-proxy` in front of members; `KEYHOLD_TEST_TARGET=proxy` runs
+//!   the node suite through a proxy in front of each node.
 //! - [`cluster`]: N members as one cluster; partitions through the nodes' test-only transport
 //!   fault switch.
 //! - [`history`]: recorded operations (invoke/return times, outcomes, unknown outcomes).
@@ -20,6 +22,7 @@ pub mod history;
 pub mod lin;
 pub mod model;
 pub mod process;
+pub mod proxy;
 pub mod robustness;
 pub mod watch_check;
 

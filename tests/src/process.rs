@@ -89,6 +89,8 @@ pub struct NodeProcess {
     starts: u32,
     /// Cluster flags (`--name`, `--initial-cluster`, ...) of a cluster member.
     cluster_args: Vec<String>,
+    /// The proxy in front of this node (`KEYHOLD_TEST_TARGET=proxy`); dropped first.
+    proxy: Option<crate::proxy::ProxyProcess>,
 }
 
 impl NodeProcess {
@@ -130,6 +132,7 @@ impl NodeProcess {
                 .collect(),
             starts: 0,
             cluster_args,
+            proxy: None,
         }
     }
 
@@ -138,9 +141,18 @@ impl NodeProcess {
         format!("http://127.0.0.1:{}", self.peer_port)
     }
 
-    /// `127.0.0.1:port`, as etcd clients take endpoints.
+    /// `127.0.0.1:port`, as etcd clients take endpoints: the proxy in front of this node
+    /// when the tests run through one (`KEYHOLD_TEST_TARGET=proxy`).
     pub fn endpoint(&self) -> String {
-        self.client.to_string()
+        match &self.proxy {
+            Some(p) => p.endpoint(),
+            None => self.client.to_string(),
+        }
+    }
+
+    /// The proxy in front of this node, if the tests run through one.
+    pub fn proxy(&self) -> Option<&crate::proxy::ProxyProcess> {
+        self.proxy.as_ref()
     }
 
     /// The data directory.
@@ -194,7 +206,11 @@ impl NodeProcess {
             let mut c = Command::new(binary("keyhold-node"));
             c.args(&self.extra_args)
                 .args(&self.cluster_args)
-                .env("KEYHOLD_LOG_LEVEL", "info,openraft=warn")
+                .env(
+                    "KEYHOLD_LOG_LEVEL",
+                    std::env::var("KEYHOLD_TEST_NODE_LOG")
+                        .unwrap_or_else(|_| "info,openraft=warn".into()),
+                )
                 .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             c
         };
@@ -231,6 +247,19 @@ impl NodeProcess {
             // count: another test's process could hold a port picked for this one.
             let bound = target_is_etcd() || self.log().contains("serving client traffic");
             if bound && let Ok((200, _)) = http_get(self.client, "/health") {
+                if crate::proxy::target_is_proxy()
+                    && self.proxy.is_none()
+                    && self.cluster_args.is_empty()
+                {
+                    // Advertised as the member clients see (as etcd's grpc-proxy does).
+                    let port = free_port();
+                    let url = format!("http://127.0.0.1:{port}");
+                    self.proxy = Some(crate::proxy::ProxyProcess::start_on(
+                        port,
+                        &[self.client.to_string()],
+                        &["--advertise-client-url", &url],
+                    ));
+                }
                 return;
             }
             assert!(
@@ -348,6 +377,7 @@ impl NodeProcess {
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
+        self.proxy = None;
         if let Some(mut c) = self.child.take() {
             let _ = unsafe_kill(c.id() as i32, libc::SIGCONT);
             let _ = c.kill();
@@ -360,16 +390,21 @@ impl Drop for NodeProcess {
                 self.log()
             );
         }
+        // Debugging aid: keep data dirs and logs for inspection after the run.
+        if std::env::var_os("KEYHOLD_TEST_KEEP_DIRS").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept node dir {}", kept.keep().display());
+        }
     }
 }
 
 #[allow(unsafe_code)]
-fn unsafe_kill(pid: i32, sig: i32) -> i32 {
+pub(crate) fn unsafe_kill(pid: i32, sig: i32) -> i32 {
     // SAFETY: kill(2) has no memory-safety preconditions; the PID is our own child's.
     unsafe { libc::kill(pid, sig) }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     http_request(addr, "GET", path)
 }
 
