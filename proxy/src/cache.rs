@@ -40,6 +40,18 @@ const ENTRY_OVERHEAD_BYTES: u32 = 128;
 
 type CacheKey = Arc<Vec<u8>>;
 
+/// Hit and miss counters, registered once (the macros look the name up on every call).
+fn counters() -> &'static (metrics::Counter, metrics::Counter) {
+    static COUNTERS: std::sync::OnceLock<(metrics::Counter, metrics::Counter)> =
+        std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        (
+            metrics::counter!("keyhold_proxy_cache_hits_total"),
+            metrics::counter!("keyhold_proxy_cache_misses_total"),
+        )
+    })
+}
+
 /// The key span a request covers, in etcd's range conventions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Span {
@@ -158,10 +170,11 @@ impl RangeCache {
                 })
             });
         drop(index);
+        let (hits, misses) = counters();
         if hit.is_some() {
-            metrics::counter!("keyhold_proxy_cache_hits_total").increment(1);
+            hits.increment(1);
         } else {
-            metrics::counter!("keyhold_proxy_cache_misses_total").increment(1);
+            misses.increment(1);
         }
         hit
     }
@@ -321,8 +334,12 @@ impl RangeCache {
                 return FEED_RETRY;
             }
         };
-        while let Some(msg) = responses.next().await {
-            let Ok(resp) = msg else { break };
+        loop {
+            let msg = tokio::select! {
+                m = responses.next() => m,
+                () = self.upstream.unhealthy(member) => break,
+            };
+            let Some(Ok(resp)) = msg else { break };
             let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
             if resp.compact_revision != 0 {
                 tracing::info!(

@@ -192,6 +192,7 @@ impl Keepalives {
                             Some(Ok(a)) => self.renewed(a),
                             _ => break,
                         },
+                        () = upstream.unhealthy(member) => break,
                         _ = stop.changed() => return,
                     }
                 }

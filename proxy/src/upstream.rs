@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A health check that takes longer counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often long-lived streams check that their member is still healthy.
+const STREAM_HEALTH_POLL: Duration = Duration::from_millis(250);
 /// Connecting to a member gives up after this long (the request then moves on).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -193,6 +195,23 @@ impl Upstream {
             }
         }
         Err(last.map_or_else(|| Error::NoEndpoint("no members".into()), Error::Upstream))
+    }
+
+    /// Whether member `i` passed its last health check.
+    pub fn healthy(&self, i: usize) -> bool {
+        self.members[i].healthy.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once member `i` is marked unhealthy (polled; long-lived streams use it to leave
+    /// a member that stopped answering before their own HTTP/2 keepalive notices).
+    pub async fn unhealthy(&self, i: usize) {
+        let mut tick = tokio::time::interval(STREAM_HEALTH_POLL);
+        loop {
+            tick.tick().await;
+            if !self.healthy(i) {
+                return;
+            }
+        }
     }
 
     /// Notes a revision seen in an answer.

@@ -59,7 +59,12 @@ struct GroupKey {
     range_end: Vec<u8>,
 }
 
-type Joined = (u64, i64, Option<pb::ResponseHeader>, mpsc::Receiver<Feed>);
+type Joined = (
+    u64,
+    i64,
+    Option<pb::ResponseHeader>,
+    mpsc::Receiver<Arc<Feed>>,
+);
 
 /// What a group hands its watchers.
 #[derive(Clone)]
@@ -85,7 +90,7 @@ enum Feed {
 }
 
 struct Subscriber {
-    tx: mpsc::Sender<Feed>,
+    tx: mpsc::Sender<Arc<Feed>>,
 }
 
 #[derive(Default)]
@@ -201,7 +206,7 @@ impl WatchHub {
     }
 
     /// Removes a group whose upstream watch ended for good; its watchers get `last`.
-    fn end_group(&self, group: &Group, last: Feed) -> Vec<mpsc::Sender<Feed>> {
+    fn end_group(&self, group: &Group, last: Feed) -> Vec<mpsc::Sender<Arc<Feed>>> {
         let mut groups = self.groups();
         let mut st = group.state();
         st.closed = true;
@@ -270,14 +275,20 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
             _ = group.closing.notified() => return,
         };
         let ended = match opened {
-            Ok(r) => pump(&hub, &group, r.into_inner(), &tx, &mut progress).await,
+            Ok(r) => tokio::select! {
+                p = pump(&hub, &group, r.into_inner(), &tx, &mut progress) => p,
+                () = hub.upstream.unhealthy(member) => {
+                    Pumped::Failed(Status::unavailable("member failed its health check"))
+                }
+            },
             Err(s) => Pumped::Failed(s),
         };
         match ended {
             Pumped::Closed => return,
             Pumped::Over(last) => {
-                for s in hub.end_group(&group, last.clone()) {
-                    let _ = s.send(last.clone()).await;
+                let shared = Arc::new(last.clone());
+                for s in hub.end_group(&group, last) {
+                    let _ = s.send(shared.clone()).await;
                 }
                 group.started.send_replace(true);
                 return;
@@ -285,8 +296,9 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
             Pumped::Failed(status) => {
                 if group.key.require_leader && status.message() == "etcdserver: no leader" {
                     let last = Feed::End(status);
-                    for s in hub.end_group(&group, last.clone()) {
-                        let _ = s.send(last.clone()).await;
+                    let shared = Arc::new(last.clone());
+                    for s in hub.end_group(&group, last) {
+                        let _ = s.send(shared.clone()).await;
                     }
                     group.started.send_replace(true);
                     return;
@@ -386,7 +398,7 @@ async fn pump(
                     epoch,
                 })
             };
-            let targets: Vec<mpsc::Sender<Feed>> =
+            let targets: Vec<mpsc::Sender<Arc<Feed>>> =
                 st.subscribers.values().map(|s| s.tx.clone()).collect();
             (feed, targets)
         };
@@ -395,7 +407,8 @@ async fn pump(
             continue;
         }
         let Some(feed) = feed else { continue };
-        if matches!(feed, Feed::Events { .. }) {
+        let feed = Arc::new(feed);
+        if matches!(*feed, Feed::Events { .. }) {
             metrics::counter!("keyhold_proxy_events_coalesced_total")
                 .increment(targets.len().saturating_sub(1) as u64);
         }
@@ -506,16 +519,23 @@ async fn run_watcher(
     opts: Options,
     start: i64,
     join: i64,
-    mut feed: mpsc::Receiver<Feed>,
+    mut feed: mpsc::Receiver<Arc<Feed>>,
     out: Out,
     delivered: Arc<AtomicI64>,
     epoch: Arc<AtomicU64>,
 ) {
-    if start < join && !catch_up(&upstream, &key, &opts, start, join, &out, &delivered).await {
+    // Boxed: an idle watcher's task should not carry the catch-up's state.
+    if start < join
+        && !Box::pin(catch_up(
+            &upstream, &key, &opts, start, join, &out, &delivered,
+        ))
+        .await
+    {
         return;
     }
     let from = start.max(join);
     while let Some(item) = feed.recv().await {
+        let item = Arc::unwrap_or_clone(item);
         let sent = match item {
             Feed::Events {
                 header,

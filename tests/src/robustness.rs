@@ -59,6 +59,12 @@ pub enum Fault {
     RestartAll,
     /// Add a learner, promote it, remove a follower, all under traffic (cluster only).
     MemberChurn,
+    /// kill -9 a proxy every client and watch of its share goes through, then restart it
+    /// (runs with proxies only).
+    ProxyKill,
+    /// SIGSTOP the member the proxies use (their first endpoint) past the timeouts, then
+    /// SIGCONT: the proxies must move to other members (runs with proxies only).
+    ProxyMemberPause,
 }
 
 impl Fault {
@@ -84,6 +90,9 @@ impl Fault {
         Fault::Compaction,
     ];
 
+    /// Scenarios that need proxies in front of a cluster.
+    pub const PROXY: [Fault; 2] = [Fault::ProxyKill, Fault::ProxyMemberPause];
+
     /// Scenario name.
     pub fn name(self) -> &'static str {
         match self {
@@ -97,6 +106,8 @@ impl Fault {
             Fault::OneWayPartition => "one-way-partition",
             Fault::RestartAll => "restart-all",
             Fault::MemberChurn => "member-churn",
+            Fault::ProxyKill => "proxy-kill",
+            Fault::ProxyMemberPause => "proxy-member-pause",
         }
     }
 
@@ -105,6 +116,7 @@ impl Fault {
         Self::ALL
             .into_iter()
             .chain(Self::CLUSTER)
+            .chain(Self::PROXY)
             .find(|f| f.name() == s)
     }
 }
@@ -125,6 +137,9 @@ pub struct RunConfig {
     /// Cluster size (1 = a single member). Client `i` talks to member `i % members` only, so
     /// followers forward writes and ask the leader for read indexes.
     pub members: usize,
+    /// `keyhold-proxy` processes in front of the cluster (0 = none). With proxies, client `i`
+    /// and the watches talk to proxy `i % proxies` only, each proxy to every member.
+    pub proxies: usize,
 }
 
 /// What a run found.
@@ -166,9 +181,10 @@ impl Report {
     /// A human-readable summary (printed on failure with the reproducer command).
     pub fn summary(&self, cfg: &RunConfig) -> String {
         let mut s = format!(
-            "scenario={} members={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} check_ms={}\n",
+            "scenario={} members={} proxies={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} check_ms={}\n",
             cfg.fault.name(),
             cfg.members,
+            cfg.proxies,
             self.seed,
             self.ops,
             self.unknown_writes,
@@ -184,8 +200,9 @@ impl Report {
             self.check_ms,
         );
         s += &format!(
-            "reproduce: cargo run -p keyhold-tests --bin robustness -- --members {} --scenario {} --duration {}s --seed {}\n",
+            "reproduce: cargo run -p keyhold-tests --bin robustness -- --members {} --proxies {} --scenario {} --duration {}s --seed {}\n",
             cfg.members,
+            cfg.proxies,
             cfg.fault.name(),
             cfg.duration.as_secs(),
             self.seed
@@ -564,6 +581,7 @@ async fn run_watch(
 /// The members a fault hits, with the fault's log lines.
 struct Injector {
     cluster: Arc<Mutex<Cluster>>,
+    proxies: Arc<Mutex<Vec<crate::proxy::ProxyProcess>>>,
     timeline: Arc<Mutex<Vec<String>>>,
     start: Instant,
 }
@@ -574,6 +592,13 @@ impl Injector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("{:>6} ms {what}", self.start.elapsed().as_millis()));
+    }
+
+    /// Runs `f` on the proxies off the async workers.
+    fn with_proxies<T>(&self, f: impl FnOnce(&mut Vec<crate::proxy::ProxyProcess>) -> T) -> T {
+        tokio::task::block_in_place(|| {
+            f(&mut self.proxies.lock().unwrap_or_else(|p| p.into_inner()))
+        })
     }
 
     /// Runs `f` on the cluster off the async workers (process control blocks).
@@ -640,6 +665,20 @@ impl Injector {
                 tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
                 self.with(|c| c.heal());
                 self.log("healed".into());
+            }
+            Fault::ProxyKill => {
+                self.log("kill -9 proxy 0".into());
+                self.with_proxies(|p| p[0].kill9());
+                tokio::time::sleep(heal_after).await;
+                self.with_proxies(|p| p[0].restart());
+                self.log("proxy 0 restarted".into());
+            }
+            Fault::ProxyMemberPause => {
+                self.log("SIGSTOP member 0 (the proxies' first endpoint)".into());
+                self.with(|c| c.members[0].pause());
+                tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                self.with(|c| c.members[0].resume());
+                self.log("SIGCONT member 0".into());
             }
             Fault::RestartAll => {
                 self.log("SIGTERM every member".into());
@@ -824,7 +863,17 @@ pub async fn run(cfg: &RunConfig) -> Report {
         &[]
     };
     let cluster = tokio::task::block_in_place(|| Cluster::start_with(members, flags, &env_ref));
-    let endpoints = cluster.endpoints();
+    let proxies: Vec<crate::proxy::ProxyProcess> = tokio::task::block_in_place(|| {
+        (0..cfg.proxies)
+            .map(|_| crate::proxy::ProxyProcess::start(&cluster.endpoints(), &[]))
+            .collect()
+    });
+    // Clients and watches talk to the proxies when there are any, else to the members.
+    let endpoints = if proxies.is_empty() {
+        cluster.endpoints()
+    } else {
+        proxies.iter().map(|p| p.endpoint()).collect()
+    };
     let rec = Recorder::default();
     let start = Instant::now();
     let until = start + cfg.duration;
@@ -860,6 +909,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
     let heal_after = Duration::from_millis(500 + rng.below(1000));
     let injector = Arc::new(Injector {
         cluster: Arc::new(Mutex::new(cluster)),
+        proxies: Arc::new(Mutex::new(proxies)),
         timeline: Arc::default(),
         start,
     });

@@ -19,10 +19,11 @@ fn parse_duration(s: &str) -> Option<Duration> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: robustness [--members 1|3] [--scenario all|{}] [--duration 30s|10m] [--seed N] [--clients N] [--failpoints a,b]\n\
-         (cluster scenarios: {})",
+        "usage: robustness [--members 1|3] [--proxies N] [--scenario all|{}] [--duration 30s|10m] [--seed N] [--clients N] [--failpoints a,b]\n\
+         (cluster scenarios: {}; with --proxies also: {})",
         Fault::ALL.map(Fault::name).join("|"),
-        Fault::CLUSTER.map(Fault::name).join("|")
+        Fault::CLUSTER.map(Fault::name).join("|"),
+        Fault::PROXY.map(Fault::name).join("|")
     );
     std::process::exit(2)
 }
@@ -31,12 +32,14 @@ fn main() -> std::process::ExitCode {
     let mut args = std::env::args().skip(1);
     let (mut scenarios, mut duration, mut seed, mut clients, mut failpoints, mut members) =
         (None, Duration::from_secs(30), None, 4, Vec::new(), 1);
+    let mut proxies = 0;
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--scenario" if v == "all" => scenarios = None,
             "--scenario" => scenarios = Some(vec![Fault::parse(&v).unwrap_or_else(|| usage())]),
             "--members" => members = v.parse().unwrap_or_else(|_| usage()),
+            "--proxies" => proxies = v.parse().unwrap_or_else(|_| usage()),
             "--duration" => duration = parse_duration(&v).unwrap_or_else(|| usage()),
             "--seed" => seed = Some(v.parse().unwrap_or_else(|_| usage())),
             "--clients" => clients = v.parse().unwrap_or_else(|_| usage()),
@@ -45,7 +48,9 @@ fn main() -> std::process::ExitCode {
         }
     }
     let scenarios = scenarios.unwrap_or_else(|| {
-        if members > 1 {
+        if members > 1 && proxies > 0 {
+            Fault::CLUSTER.into_iter().chain(Fault::PROXY).collect()
+        } else if members > 1 {
             Fault::CLUSTER.to_vec()
         } else {
             Fault::ALL.to_vec()
@@ -69,6 +74,7 @@ fn main() -> std::process::ExitCode {
             clients,
             failpoints: failpoints.clone(),
             members,
+            proxies,
         };
         let report = rt.block_on(robustness::run(&cfg));
         print!("{}", report.summary(&cfg));

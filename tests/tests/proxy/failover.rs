@@ -1,5 +1,6 @@
-//! Failover: the member the proxy uses dies while clients read, write, watch and keep a lease
-//! alive through the proxy.
+//! Failover: the member the proxy uses dies (kill -9) or stops answering (SIGSTOP: to the
+//! proxy, a partition from that member) while clients read, write, watch and keep a lease alive
+//! through the proxy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,6 +15,21 @@ use super::client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
+    failover(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_member_behind_the_proxy_keeps_reads_watches_and_leases_going() {
+    failover(Fault::Pause).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Pause,
+}
+
+async fn failover(fault: Fault) {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start_with(3, FAST_ELECTION, &[]));
     let endpoints: Vec<String> = cluster
         .members
@@ -24,7 +40,7 @@ async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
     let proxy = ProxyProcess::start(&endpoints, &[]);
     let mut c = client(&proxy.endpoint()).await;
 
-    let lease = c.lease_grant(3, None).await.expect("grant").id();
+    let lease = c.lease_grant(5, None).await.expect("grant").id();
     c.put("leased", "v", Some(PutOptions::new().with_lease(lease)))
         .await
         .expect("put");
@@ -81,7 +97,10 @@ async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
     let mut acked = Vec::new();
     for i in 0..60 {
         if i == 20 {
-            tokio::task::block_in_place(|| cluster.members[0].kill9());
+            tokio::task::block_in_place(|| match fault {
+                Fault::Kill => cluster.members[0].kill9(),
+                Fault::Pause => cluster.members[0].pause(),
+            });
         }
         if let Ok(r) = c.put(format!("seq/{i:03}"), "x", None).await {
             acked.push(r.header().expect("header").revision());
@@ -89,7 +108,7 @@ async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reads_before_end = reads_ok.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(4)).await; // longer than the lease TTL
+    tokio::time::sleep(Duration::from_secs(6)).await; // longer than the lease TTL
     stop.store(true, Ordering::Relaxed);
     let _ = keeper.await;
     let _ = reader.await;
@@ -98,7 +117,7 @@ async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
         "reads continue after the kill"
     );
 
-    // The lease outlived the kill (3 s TTL, kept alive through the proxy throughout).
+    // The lease outlived the fault (5 s TTL, kept alive through the proxy throughout).
     let leased = c.get("leased", None).await.expect("get");
     assert_eq!(
         leased.count(),
@@ -149,4 +168,7 @@ async fn killing_the_proxys_member_keeps_reads_watches_and_leases_going() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    if fault == Fault::Pause {
+        cluster.members[0].resume();
+    }
 }
