@@ -326,7 +326,13 @@ impl RangeCache {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx.send(create).await;
-        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        // `hasleader`: a member cut off from the leader cannot feed the cache (its history
+        // would stop while writes go on elsewhere).
+        let mut requests = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        requests.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
         let mut responses = match WatchClient::new(channel).watch(requests).await {
             Ok(r) => r.into_inner(),
             Err(_) => {

@@ -5,6 +5,7 @@
 mod cache;
 mod failover;
 mod keepalive;
+mod ordering;
 mod watch;
 
 use std::time::Duration;
