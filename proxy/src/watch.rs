@@ -3,11 +3,15 @@
 //!
 //! ```text
 //!  client stream ─create─► StreamTask ─subscribe─► WatchHub ─► Group (one upstream watch,
-//!        ▲                    │                                  prev_kv + progress_notify)
-//!        │                    └─► watcher task ◄──Feed (bounded)──┘  fan-out, back-pressured
-//!        └──── responses ◄────────┘  (catch-up from an older start revision on its own
-//!                                     upstream watch first, then the shared feed)
+//!        ▲                    ▲                                  prev_kv + progress_notify)
+//!        │                    └──── (watcher slot, Feed) ◄────────┘  fan-out into each
+//!        └──── responses ◄────┘  filters, prev_kv, fragments        stream's bounded queue
+//!                                (a watcher from an older start revision first replays on
+//!                                 its own upstream watch; its shared feed waits meanwhile)
 //! ```
+//!
+//! A watcher is a few fields in its stream's task, not a task of its own: an idle watcher costs
+//! a few hundred bytes.
 //!
 //! A group knows `next_rev`, the first revision it has not delivered yet. A watcher joins at
 //! `join = next_rev` (taken under the group lock, so it sees exactly the events from `join`);
@@ -20,7 +24,7 @@
 //! stream has already sent.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,8 +38,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::upstream::{Upstream, forward};
 
-/// Feed items queued per watcher before the group waits for it (back-pressure).
-const FEED_QUEUE_MAX: usize = 64;
+/// Feed items queued per client stream before a group waits for it (back-pressure).
+const STREAM_FEED_QUEUE_MAX: usize = 256;
+/// Shared-feed items held for one watcher while it catches up; a fuller hold makes the stream
+/// wait for the catch-up to finish.
+const CATCH_UP_HOLD_MAX: usize = 1024;
 /// Responses queued towards one client stream.
 const OUT_QUEUE_MAX: usize = 128;
 /// Watchers one client stream may hold (as on a member).
@@ -59,12 +66,18 @@ struct GroupKey {
     range_end: Vec<u8>,
 }
 
-type Joined = (
-    u64,
-    i64,
-    Option<pb::ResponseHeader>,
-    mpsc::Receiver<Arc<Feed>>,
-);
+/// What joining gives: the subscriber id, the join revision and the group's last header.
+type Joined = (u64, i64, Option<pb::ResponseHeader>);
+
+/// What a client stream's task receives from groups: a feed item for one of its watchers.
+enum Delivery {
+    Feed { slot: u64, feed: Arc<Feed> },
+}
+
+/// A finished catch-up: the watcher's slot and how far it got (`None`: the watcher ended).
+/// Sent on an unbounded channel: at most one per watcher, and the catch-up must never wait
+/// for the stream task (which may be waiting for it).
+type CaughtUp = (u64, Option<i64>);
 
 /// What a group hands its watchers.
 #[derive(Clone)]
@@ -90,7 +103,8 @@ enum Feed {
 }
 
 struct Subscriber {
-    tx: mpsc::Sender<Arc<Feed>>,
+    stream: mpsc::Sender<Delivery>,
+    slot: u64,
 }
 
 #[derive(Default)]
@@ -166,20 +180,30 @@ impl WatchHub {
     /// Joins `group`: the subscriber id, the join revision, the last header and the feed; or
     /// `Err(Some(why))` when the group's upstream watch was refused, `Err(None)` when the group
     /// closed meanwhile (join a new one).
-    fn join(&self, group: &Group) -> Result<Joined, Option<Feed>> {
+    fn join(
+        &self,
+        group: &Group,
+        stream: &mpsc::Sender<Delivery>,
+        slot: u64,
+    ) -> Result<Joined, Option<Feed>> {
         let _groups = self.groups();
         let mut st = group.state();
         if st.closed {
             return Err(st.failure.clone());
         }
         let join = st.next_rev.ok_or(None)?;
-        let (tx, rx) = mpsc::channel(FEED_QUEUE_MAX);
         let id = st.next_sub;
         st.next_sub += 1;
-        st.subscribers.insert(id, Subscriber { tx });
+        st.subscribers.insert(
+            id,
+            Subscriber {
+                stream: stream.clone(),
+                slot,
+            },
+        );
         self.watchers.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("keyhold_proxy_watchers").increment(1.0);
-        Ok((id, join, st.last_header, rx))
+        Ok((id, join, st.last_header))
     }
 
     /// Leaves `group`; the last one out closes its upstream watch.
@@ -206,7 +230,7 @@ impl WatchHub {
     }
 
     /// Removes a group whose upstream watch ended for good; its watchers get `last`.
-    fn end_group(&self, group: &Group, last: Feed) -> Vec<mpsc::Sender<Arc<Feed>>> {
+    fn end_group(&self, group: &Group, last: Feed) -> Vec<(mpsc::Sender<Delivery>, u64)> {
         let mut groups = self.groups();
         let mut st = group.state();
         st.closed = true;
@@ -221,7 +245,10 @@ impl WatchHub {
         let n = st.subscribers.len() as i64;
         self.watchers.fetch_sub(n, Ordering::Relaxed);
         metrics::gauge!("keyhold_proxy_watchers").decrement(n as f64);
-        st.subscribers.drain().map(|(_, s)| s.tx).collect()
+        st.subscribers
+            .drain()
+            .map(|(_, s)| (s.stream, s.slot))
+            .collect()
     }
 
     /// Upstream watches open (groups) and client watchers, for `/metrics` and tests.
@@ -286,9 +313,13 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
         match ended {
             Pumped::Closed => return,
             Pumped::Over(last) => {
-                let shared = Arc::new(last.clone());
-                for s in hub.end_group(&group, last) {
-                    let _ = s.send(shared.clone()).await;
+                let feed = Arc::new(last.clone());
+                for (stream, slot) in hub.end_group(&group, last) {
+                    let d = Delivery::Feed {
+                        slot,
+                        feed: feed.clone(),
+                    };
+                    let _ = stream.send(d).await;
                 }
                 group.started.send_replace(true);
                 return;
@@ -296,9 +327,13 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
             Pumped::Failed(status) => {
                 if group.key.require_leader && status.message() == "etcdserver: no leader" {
                     let last = Feed::End(status);
-                    let shared = Arc::new(last.clone());
-                    for s in hub.end_group(&group, last) {
-                        let _ = s.send(shared.clone()).await;
+                    let feed = Arc::new(last.clone());
+                    for (stream, slot) in hub.end_group(&group, last) {
+                        let d = Delivery::Feed {
+                            slot,
+                            feed: feed.clone(),
+                        };
+                        let _ = stream.send(d).await;
                     }
                     group.started.send_replace(true);
                     return;
@@ -398,8 +433,11 @@ async fn pump(
                     epoch,
                 })
             };
-            let targets: Vec<mpsc::Sender<Arc<Feed>>> =
-                st.subscribers.values().map(|s| s.tx.clone()).collect();
+            let targets: Vec<(mpsc::Sender<Delivery>, u64)> = st
+                .subscribers
+                .values()
+                .map(|s| (s.stream.clone(), s.slot))
+                .collect();
             (feed, targets)
         };
         if resp.created {
@@ -412,9 +450,13 @@ async fn pump(
             metrics::counter!("keyhold_proxy_events_coalesced_total")
                 .increment(targets.len().saturating_sub(1) as u64);
         }
-        for t in targets {
-            // Back-pressure: a full watcher feed makes the group wait (nothing is dropped).
-            let _ = t.send(feed.clone()).await;
+        for (stream, slot) in targets {
+            // Back-pressure: a full stream queue makes the group wait (nothing is dropped).
+            let d = Delivery::Feed {
+                slot,
+                feed: feed.clone(),
+            };
+            let _ = stream.send(d).await;
         }
         let _ = hub;
     }
@@ -498,114 +540,50 @@ impl Options {
     }
 }
 
-/// What a client stream knows about one of its watchers.
-struct WatcherHandle {
+/// One watcher of a client stream.
+struct Watcher {
+    slot: u64,
     group: Arc<Group>,
     sub: u64,
-    task: tokio::task::JoinHandle<()>,
+    opts: Options,
+    /// Shared-feed events before this revision are not this watcher's.
+    from: i64,
     /// Every event up to this revision has been queued to the client.
-    delivered: Arc<AtomicI64>,
-    /// Feed epoch last processed.
-    epoch: Arc<AtomicU64>,
+    delivered: i64,
+    /// Group epoch of the last feed item handled.
+    epoch: u64,
+    /// While catching up: the catch-up task and the shared feed held back meanwhile.
+    catch_up: Option<(
+        tokio::task::JoinHandle<()>,
+        std::collections::VecDeque<Arc<Feed>>,
+    )>,
 }
 
 type Out = mpsc::Sender<Result<pb::WatchResponse, Status>>;
 
-/// Runs one watcher: catch-up from `start` (when older than `join`), then the shared feed.
-#[allow(clippy::too_many_arguments)]
-async fn run_watcher(
+/// Replays `[start, join)` on a watch of the watcher's own, straight to the client, then tells
+/// the stream task (which holds the watcher's shared feed meanwhile) how far it got; `None`
+/// when the watcher ended (cancelled, compacted, client gone).
+async fn catch_up(
     upstream: Arc<Upstream>,
     key: GroupKey,
     opts: Options,
-    start: i64,
-    join: i64,
-    mut feed: mpsc::Receiver<Arc<Feed>>,
+    (start, join): (i64, i64),
     out: Out,
-    delivered: Arc<AtomicI64>,
-    epoch: Arc<AtomicU64>,
+    (done, slot): (mpsc::UnboundedSender<CaughtUp>, u64),
 ) {
-    // Boxed: an idle watcher's task should not carry the catch-up's state.
-    if start < join
-        && !Box::pin(catch_up(
-            &upstream, &key, &opts, start, join, &out, &delivered,
-        ))
-        .await
-    {
-        return;
-    }
-    let from = start.max(join);
-    while let Some(item) = feed.recv().await {
-        let item = Arc::unwrap_or_clone(item);
-        let sent = match item {
-            Feed::Events {
-                header,
-                events,
-                epoch: e,
-            } => {
-                let last = events
-                    .iter()
-                    .filter_map(|ev| ev.kv.as_ref().map(|kv| kv.mod_revision))
-                    .max()
-                    .unwrap_or(0);
-                let mine = opts.filter(&events, from);
-                let ok = mine.is_empty() || opts.send_events(&out, header, mine).await;
-                delivered.fetch_max(last, Ordering::Relaxed);
-                epoch.store(e, Ordering::Relaxed);
-                ok
-            }
-            Feed::Progress { header, epoch: e } => {
-                let rev = header.as_ref().map_or(0, |h| h.revision);
-                let ok = !opts.progress_notify
-                    || out
-                        .send(Ok(pb::WatchResponse {
-                            header,
-                            watch_id: opts.watch_id,
-                            ..Default::default()
-                        }))
-                        .await
-                        .is_ok();
-                delivered.fetch_max(rev, Ordering::Relaxed);
-                epoch.store(e, Ordering::Relaxed);
-                ok
-            }
-            Feed::Cancel {
-                header,
-                reason,
-                compact_revision,
-            } => {
-                let _ = out
-                    .send(Ok(pb::WatchResponse {
-                        header,
-                        watch_id: opts.watch_id,
-                        canceled: true,
-                        cancel_reason: reason,
-                        compact_revision,
-                        ..Default::default()
-                    }))
-                    .await;
-                false
-            }
-            Feed::End(status) => {
-                let _ = out.send(Err(status)).await;
-                false
-            }
-        };
-        if !sent {
-            return;
-        }
-    }
+    let delivered = catch_up_range(&upstream, &key, &opts, start, join, &out).await;
+    let _ = done.send((slot, delivered));
 }
 
-/// Replays `[start, join)` on a watch of the watcher's own; false when the watcher ended.
-async fn catch_up(
+async fn catch_up_range(
     upstream: &Upstream,
     key: &GroupKey,
     opts: &Options,
     start: i64,
     join: i64,
     out: &Out,
-    delivered: &AtomicI64,
-) -> bool {
+) -> Option<i64> {
     let mut from = start;
     loop {
         let (member, channel) = upstream.pick();
@@ -658,7 +636,6 @@ async fn catch_up(
                 if !mine.is_empty() && !opts.send_events(out, resp.header, mine).await {
                     return Ok(Some(false));
                 }
-                delivered.fetch_max(from - 1, Ordering::Relaxed);
                 if reached || from >= join {
                     return Ok(Some(true));
                 }
@@ -682,7 +659,8 @@ async fn catch_up(
         .await;
         metrics::gauge!("keyhold_proxy_catch_up_watches").decrement(1.0);
         match result {
-            Ok(Some(done)) => return done,
+            Ok(Some(true)) => return Some(join - 1),
+            Ok(Some(false)) => return None,
             Ok(None) | Err(_) => {
                 upstream.failed(member);
                 tokio::time::sleep(RESUME_DELAY).await;
@@ -696,13 +674,28 @@ pub struct WatchService {
     pub hub: Arc<WatchHub>,
 }
 
+/// A progress request waiting for fresh progress from the members.
+struct ProgressWait {
+    deadline: tokio::time::Instant,
+    /// (watch slot, group epoch when asked).
+    asked: Vec<(u64, u64)>,
+}
+
+/// One client stream: its watchers and their deliveries.
 struct StreamTask {
     hub: Arc<WatchHub>,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     require_leader: bool,
     out: Out,
-    watchers: HashMap<i64, WatcherHandle>,
+    /// Where groups deliver for this stream.
+    feed_tx: mpsc::Sender<Delivery>,
+    /// Where catch-ups report.
+    caught_up_tx: mpsc::UnboundedSender<CaughtUp>,
+    watchers: HashMap<i64, Watcher>,
+    by_slot: HashMap<u64, i64>,
+    next_slot: u64,
     next_auto_id: i64,
+    progress_wait: Option<ProgressWait>,
 }
 
 impl StreamTask {
@@ -721,16 +714,24 @@ impl StreamTask {
         .await
     }
 
+    fn remove(&mut self, watch_id: i64) -> Option<Watcher> {
+        let w = self.watchers.remove(&watch_id)?;
+        self.by_slot.remove(&w.slot);
+        if let Some((task, _)) = &w.catch_up {
+            task.abort();
+        }
+        self.hub.leave(&w.group, Some(w.sub));
+        Some(w)
+    }
+
     async fn handle(&mut self, req: pb::WatchRequest) -> bool {
         use pb::watch_request::RequestUnion;
         match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(RequestUnion::CancelRequest(c)) => {
-                let Some(w) = self.watchers.remove(&c.watch_id) else {
+                let Some(w) = self.remove(c.watch_id) else {
                     return true;
                 };
-                w.task.abort();
-                self.hub.leave(&w.group, Some(w.sub));
                 let header = w.group.state().last_header;
                 self.send(pb::WatchResponse {
                     header,
@@ -740,10 +741,7 @@ impl StreamTask {
                 })
                 .await
             }
-            Some(RequestUnion::ProgressRequest(_)) => {
-                self.progress().await;
-                true
-            }
+            Some(RequestUnion::ProgressRequest(_)) => self.progress().await,
             None => true,
         }
     }
@@ -781,33 +779,34 @@ impl StreamTask {
             key,
             range_end: c.range_end,
         };
+        let slot = self.next_slot;
+        self.next_slot += 1;
         // Join a started group (a group that closes meanwhile is replaced).
         let joined = async {
             loop {
                 let group = self.hub.group(gkey.clone());
                 let mut started = group.started.subscribe();
                 let _ = started.wait_for(|s| *s).await;
-                match self.hub.join(&group) {
+                match self.hub.join(&group, &self.feed_tx, slot) {
                     Ok(j) => return Ok((group, j)),
                     Err(Some(refused)) => return Err(refused),
                     Err(None) => tokio::task::yield_now().await,
                 }
             }
         };
-        let (group, (sub, join, header, feed)) =
-            match tokio::time::timeout(START_TIMEOUT, joined).await {
-                Ok(Ok(j)) => j,
-                Ok(Err(Feed::End(status))) => {
-                    let _ = self.out.send(Err(status)).await;
-                    return false;
-                }
-                Ok(Err(Feed::Cancel { reason, .. })) => return self.create_failed(&reason).await,
-                Ok(Err(_)) | Err(_) => {
-                    let group = self.hub.group(gkey.clone());
-                    self.hub.leave(&group, None);
-                    return self.create_failed("etcdserver: request timed out").await;
-                }
-            };
+        let (group, (sub, join, header)) = match tokio::time::timeout(START_TIMEOUT, joined).await {
+            Ok(Ok(j)) => j,
+            Ok(Err(Feed::End(status))) => {
+                let _ = self.out.send(Err(status)).await;
+                return false;
+            }
+            Ok(Err(Feed::Cancel { reason, .. })) => return self.create_failed(&reason).await,
+            Ok(Err(_)) | Err(_) => {
+                let group = self.hub.group(gkey.clone());
+                self.hub.leave(&group, None);
+                return self.create_failed("etcdserver: request timed out").await;
+            }
+        };
         let filters = |f: FilterType| c.filters.contains(&(f as i32));
         let opts = Options {
             watch_id,
@@ -838,43 +837,193 @@ impl StreamTask {
             self.hub.leave(&group, Some(sub));
             return false;
         }
-        let delivered = Arc::new(AtomicI64::new(start.min(join) - 1));
-        let epoch = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run_watcher(
-            self.hub.upstream.clone(),
-            gkey,
-            opts,
-            start,
-            join,
-            feed,
-            self.out.clone(),
-            delivered.clone(),
-            epoch.clone(),
-        ));
+        let catch_up_task = (start < join).then(|| {
+            let task = tokio::spawn(catch_up(
+                self.hub.upstream.clone(),
+                gkey,
+                opts.clone(),
+                (start, join),
+                self.out.clone(),
+                (self.caught_up_tx.clone(), slot),
+            ));
+            (task, std::collections::VecDeque::new())
+        });
+        self.by_slot.insert(slot, watch_id);
         self.watchers.insert(
             watch_id,
-            WatcherHandle {
+            Watcher {
+                slot,
                 group,
                 sub,
-                task,
-                delivered,
-                epoch,
+                opts,
+                from: start.max(join),
+                delivered: start.min(join) - 1,
+                epoch: 0,
+                catch_up: catch_up_task,
             },
         );
         true
     }
 
-    /// Answers a progress request with a revision every watcher of this stream has sent all
-    /// events up to (after asking the members for fresh progress).
-    async fn progress(&self) {
+    /// Handles one delivery; false when the stream must end.
+    async fn deliver(
+        &mut self,
+        d: Delivery,
+        caught_up: &mut mpsc::UnboundedReceiver<CaughtUp>,
+    ) -> bool {
+        match d {
+            Delivery::Feed { slot, feed } => {
+                let Some(&watch_id) = self.by_slot.get(&slot) else {
+                    return true; // cancelled meanwhile
+                };
+                let Some(w) = self.watchers.get_mut(&watch_id) else {
+                    return true;
+                };
+                if let Some((_, held)) = w.catch_up.as_mut() {
+                    held.push_back(feed);
+                    if held.len() < CATCH_UP_HOLD_MAX {
+                        return true;
+                    }
+                    // Too much held: wait for the catch-up (this stream and its groups pause).
+                    return self.wait_catch_up(watch_id, caught_up).await;
+                }
+                self.apply(watch_id, &feed).await
+            }
+        }
+    }
+
+    /// A catch-up finished (ignored when already handled by `wait_catch_up`).
+    async fn on_caught_up(&mut self, (slot, delivered): CaughtUp) -> bool {
+        let Some(&watch_id) = self.by_slot.get(&slot) else {
+            return true;
+        };
+        if self
+            .watchers
+            .get(&watch_id)
+            .is_none_or(|w| w.catch_up.is_none())
+        {
+            return true;
+        }
+        self.caught_up(watch_id, delivered).await
+    }
+
+    /// Blocks until watcher `watch_id`'s catch-up ends (its hold is full), then hands the
+    /// watcher its held feed.
+    async fn wait_catch_up(
+        &mut self,
+        watch_id: i64,
+        caught_up: &mut mpsc::UnboundedReceiver<CaughtUp>,
+    ) -> bool {
+        let Some(slot) = self.watchers.get(&watch_id).map(|w| w.slot) else {
+            return true;
+        };
+        // Other watchers' catch-ups may finish first: handle those on the way.
+        while let Some(done) = caught_up.recv().await {
+            let mine = done.0 == slot;
+            if !self.on_caught_up(done).await {
+                return false;
+            }
+            if mine {
+                break;
+            }
+        }
+        true
+    }
+
+    async fn caught_up(&mut self, watch_id: i64, delivered: Option<i64>) -> bool {
+        let Some(reached) = delivered else {
+            // The catch-up ended the watcher (it already told the client why).
+            self.remove(watch_id);
+            return true;
+        };
+        let held = match self.watchers.get_mut(&watch_id) {
+            Some(w) => {
+                w.delivered = w.delivered.max(reached);
+                w.catch_up.take().map(|(_, held)| held).unwrap_or_default()
+            }
+            None => return true,
+        };
+        for feed in held {
+            if !self.apply(watch_id, &feed).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends one shared-feed item to watcher `watch_id`'s client.
+    async fn apply(&mut self, watch_id: i64, feed: &Feed) -> bool {
+        let Some(w) = self.watchers.get_mut(&watch_id) else {
+            return true;
+        };
+        match feed {
+            Feed::Events {
+                header,
+                events,
+                epoch,
+            } => {
+                let last = events
+                    .iter()
+                    .filter_map(|ev| ev.kv.as_ref().map(|kv| kv.mod_revision))
+                    .max()
+                    .unwrap_or(0);
+                let mine = w.opts.filter(events, w.from);
+                w.delivered = w.delivered.max(last);
+                w.epoch = *epoch;
+                let opts = w.opts.clone();
+                mine.is_empty() || opts.send_events(&self.out, *header, mine).await
+            }
+            Feed::Progress { header, epoch } => {
+                let rev = header.as_ref().map_or(0, |h| h.revision);
+                w.delivered = w.delivered.max(rev);
+                w.epoch = *epoch;
+                !w.opts.progress_notify
+                    || self
+                        .out
+                        .send(Ok(pb::WatchResponse {
+                            header: *header,
+                            watch_id,
+                            ..Default::default()
+                        }))
+                        .await
+                        .is_ok()
+            }
+            Feed::Cancel {
+                header,
+                reason,
+                compact_revision,
+            } => {
+                let resp = pb::WatchResponse {
+                    header: *header,
+                    watch_id,
+                    canceled: true,
+                    cancel_reason: reason.clone(),
+                    compact_revision: *compact_revision,
+                    ..Default::default()
+                };
+                self.remove(watch_id);
+                self.send(resp).await
+            }
+            Feed::End(status) => {
+                let _ = self.out.send(Err(status.clone())).await;
+                false
+            }
+        }
+    }
+
+    /// A progress request: with no watchers, the current revision; otherwise ask the members
+    /// for fresh progress and answer (in `progress_due`) once every watcher has heard back.
+    async fn progress(&mut self) -> bool {
         if self.watchers.is_empty() {
-            // Nothing to hold back: the current revision, from a linearizable read.
             let probe = pb::RangeRequest {
                 key: vec![0],
                 count_only: true,
                 ..Default::default()
             };
-            let meta = tonic::metadata::MetadataMap::new();
+            let mut meta = tonic::metadata::MetadataMap::new();
+            if let Some(t) = &self.token {
+                meta.insert("token", t.clone());
+            }
             let answer = self
                 .hub
                 .upstream
@@ -888,40 +1037,55 @@ impl StreamTask {
                     }
                 })
                 .await;
-            if let Ok(a) = answer {
-                let _ = self
-                    .send(pb::WatchResponse {
+            return match answer {
+                Ok(a) => {
+                    self.send(pb::WatchResponse {
                         header: a.header,
                         watch_id: -1,
                         ..Default::default()
                     })
-                    .await;
-            }
-            return;
+                    .await
+                }
+                Err(_) => true,
+            };
         }
-        let asked: Vec<(u64, &WatcherHandle)> = self
+        let asked = self
             .watchers
             .values()
             .map(|w| {
                 let e = w.group.state().epoch;
                 let _ = w.group.progress.try_send(());
-                (e, w)
+                (w.slot, e)
             })
             .collect();
-        let deadline = tokio::time::Instant::now() + PROGRESS_WAIT;
-        while tokio::time::Instant::now() < deadline
-            && asked
-                .iter()
-                .any(|(e, w)| w.epoch.load(Ordering::Relaxed) <= *e && !w.task.is_finished())
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        self.progress_wait = Some(ProgressWait {
+            deadline: tokio::time::Instant::now() + PROGRESS_WAIT,
+            asked,
+        });
+        true
+    }
+
+    /// Answers a waiting progress request once every watcher it asked about has handled a
+    /// newer feed item (or the wait timed out): the lowest revision every watcher of this
+    /// stream has queued all events up to.
+    async fn progress_due(&mut self, timed_out: bool) -> bool {
+        let Some(wait) = &self.progress_wait else {
+            return true;
+        };
+        let fresh = wait.asked.iter().all(|(slot, e)| {
+            self.by_slot
+                .get(slot)
+                .and_then(|id| self.watchers.get(id))
+                .is_none_or(|w| w.epoch > *e && w.catch_up.is_none())
+        });
+        if !fresh && !timed_out {
+            return true;
         }
-        let revision = self
-            .watchers
-            .values()
-            .map(|w| w.delivered.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0);
+        self.progress_wait = None;
+        let revision = self.watchers.values().map(|w| w.delivered).min();
+        let Some(revision) = revision else {
+            return true;
+        };
         let header = self
             .watchers
             .values()
@@ -931,19 +1095,18 @@ impl StreamTask {
                 h.revision = revision;
                 h
             });
-        let _ = self
-            .send(pb::WatchResponse {
-                header,
-                watch_id: -1,
-                ..Default::default()
-            })
-            .await;
+        self.send(pb::WatchResponse {
+            header,
+            watch_id: -1,
+            ..Default::default()
+        })
+        .await
     }
 
     fn close(&mut self) {
-        for (_, w) in self.watchers.drain() {
-            w.task.abort();
-            self.hub.leave(&w.group, Some(w.sub));
+        let ids: Vec<i64> = self.watchers.keys().copied().collect();
+        for id in ids {
+            self.remove(id);
         }
     }
 }
@@ -961,17 +1124,25 @@ impl pb::watch_server::Watch for WatchService {
             .is_some_and(|v| v.as_bytes() == b"true");
         let mut input = request.into_inner();
         let (out, rx) = mpsc::channel(OUT_QUEUE_MAX);
+        let (feed_tx, mut feed_rx) = mpsc::channel(STREAM_FEED_QUEUE_MAX);
+        let (caught_up_tx, mut caught_up_rx) = mpsc::unbounded_channel();
         let mut task = StreamTask {
             hub: self.hub.clone(),
             token,
             require_leader,
             out,
+            feed_tx,
+            caught_up_tx,
             watchers: HashMap::new(),
+            by_slot: HashMap::new(),
+            next_slot: 0,
             next_auto_id: 0,
+            progress_wait: None,
         };
         tokio::spawn(async move {
             let mut input_open = true;
             loop {
+                let deadline = task.progress_wait.as_ref().map(|w| w.deadline);
                 let go_on = tokio::select! {
                     msg = input.next(), if input_open => match msg {
                         Some(Ok(req)) => task.handle(req).await,
@@ -979,6 +1150,18 @@ impl pb::watch_server::Watch for WatchService {
                         None => { input_open = false; true }
                         Some(Err(_)) => false,
                     },
+                    Some(d) = feed_rx.recv() => {
+                        task.deliver(d, &mut caught_up_rx).await && task.progress_due(false).await
+                    }
+                    Some(done) = caught_up_rx.recv() => {
+                        task.on_caught_up(done).await && task.progress_due(false).await
+                    }
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => task.progress_due(true).await,
                     _ = task.out.closed() => false,
                 };
                 if !go_on {
