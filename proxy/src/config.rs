@@ -43,7 +43,8 @@ pub struct Config {
         alias = "experimental-serializable-ordering"
     )]
     pub serializable_ordering: bool,
-    /// Key prefix of a namespace (not supported yet; refused at start).
+    /// Key prefix clients are confined to: they see the keys under it as the whole key space
+    /// (KV, Watch and Lease, as etcd's grpc-proxy).
     #[arg(long, env = "KEYHOLD_PROXY_NAMESPACE", default_value = "")]
     pub namespace: String,
     /// Prefix for proxy registration (not supported yet; refused at start).
@@ -75,6 +76,7 @@ pub struct ValidConfig {
     pub advertise_client_url: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub serializable_ordering: bool,
+    pub namespace: String,
     pub dial_keepalive_time: Duration,
     pub dial_keepalive_timeout: Duration,
     pub cache_bytes: u64,
@@ -129,9 +131,6 @@ impl Config {
         if endpoints.is_empty() {
             return Err("--endpoints: at least one endpoint is required".into());
         }
-        if !self.namespace.is_empty() {
-            return Err("--namespace is not supported yet".into());
-        }
         if !self.resolver_prefix.is_empty() {
             return Err("--resolver-prefix is not supported yet".into());
         }
@@ -151,6 +150,7 @@ impl Config {
             advertise_client_url,
             metrics_addr,
             serializable_ordering: self.serializable_ordering,
+            namespace: self.namespace,
             dial_keepalive_time: self.dial_keepalive_time,
             dial_keepalive_timeout: self.dial_keepalive_timeout,
             cache_bytes: self.cache_bytes,
@@ -206,9 +206,9 @@ mod tests {
                 .contains("--listen-addr")
         );
         assert!(
-            parse(&["--namespace", "a/"])
+            parse(&["--resolver-prefix", "a/"])
                 .unwrap_err()
-                .contains("--namespace")
+                .contains("--resolver-prefix")
         );
         assert!(parse(&["--dial-keepalive-time", "3h"]).is_err());
     }

@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use keyhold_proto::etcdserverpb as pb;
 use keyhold_proto::etcdserverpb::kv_client::KvClient;
+use tonic::codegen::BoxStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{RangeCache, Span, cacheable};
-use crate::forward::{UPSTREAM_DECODE_BYTES_MAX, server_stream};
+use crate::forward::UPSTREAM_DECODE_BYTES_MAX;
+use crate::namespace::Namespace;
 use crate::upstream::{Retry, Upstream, forward};
 
 /// KV service.
@@ -20,6 +22,8 @@ pub struct KvService {
     pub cache: Arc<RangeCache>,
     /// `--serializable-ordering`.
     pub ordering: bool,
+    /// `--namespace`.
+    pub ns: Namespace,
 }
 
 fn revision_of(header: &Option<pb::ResponseHeader>) -> i64 {
@@ -102,14 +106,16 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, _, mut req) = request.into_parts();
+        self.ns.range_request(&mut req)?;
         let key = cacheable(&req).then(|| {
             let token = meta.get("token").map_or(&b""[..], |t| t.as_bytes());
             RangeCache::key(token, &req)
         });
         if req.serializable
-            && let Some(hit) = key.as_ref().and_then(|k| self.cache.get(k))
+            && let Some(mut hit) = key.as_ref().and_then(|k| self.cache.get(k))
         {
+            self.ns.range_response(&mut hit);
             return Ok(Response::new(hit));
         }
         let floor = self.upstream.observed();
@@ -127,21 +133,48 @@ impl pb::kv_server::Kv for KvService {
                 .insert(k, Span::of(&req.key, &req.range_end), &answer);
         }
         self.upstream.observe(revision_of(&answer.header));
+        self.ns.range_response(&mut answer);
         Ok(Response::new(answer))
     }
 
-    server_stream!(
-        range_stream,
-        pb::RangeRequest,
-        pb::RangeStreamResponse,
-        KvClient
-    );
+    async fn range_stream(
+        &self,
+        request: Request<pb::RangeRequest>,
+    ) -> Result<Response<BoxStream<pb::RangeStreamResponse>>, Status> {
+        let (meta, _, mut req) = request.into_parts();
+        self.ns.range_request(&mut req)?;
+        let stream = self
+            .upstream
+            .call(Retry::Immutable, |channel| {
+                let r = forward(&meta, req.clone());
+                async move {
+                    KvClient::new(channel)
+                        .max_decoding_message_size(UPSTREAM_DECODE_BYTES_MAX)
+                        .range_stream(r)
+                        .await
+                        .map(Response::into_inner)
+                }
+            })
+            .await?;
+        let ns = self.ns.clone();
+        let stream: BoxStream<pb::RangeStreamResponse> =
+            Box::pin(tokio_stream::StreamExt::map(stream, move |item| {
+                item.map(|mut chunk| {
+                    if let Some(r) = chunk.range_response.as_mut() {
+                        ns.range_response(r);
+                    }
+                    chunk
+                })
+            }));
+        Ok(Response::new(stream))
+    }
 
     async fn put(
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, _, mut req) = request.into_parts();
+        self.ns.put_request(&mut req)?;
         let spans = [Span::of(&req.key, b"")];
         let answer = self
             .write(&meta, &spans, |mut c, m| {
@@ -153,6 +186,8 @@ impl pb::kv_server::Kv for KvService {
                 }
             })
             .await?;
+        let mut answer = answer;
+        self.ns.put_response(&mut answer);
         Ok(Response::new(answer))
     }
 
@@ -160,7 +195,8 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, _, mut req) = request.into_parts();
+        self.ns.delete_request(&mut req)?;
         let spans = [Span::of(&req.key, &req.range_end)];
         let answer = self
             .write(&meta, &spans, |mut c, m| {
@@ -172,6 +208,8 @@ impl pb::kv_server::Kv for KvService {
                 }
             })
             .await?;
+        let mut answer = answer;
+        self.ns.delete_response(&mut answer);
         Ok(Response::new(answer))
     }
 
@@ -179,7 +217,8 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let (meta, _, req) = request.into_parts();
+        let (meta, _, mut req) = request.into_parts();
+        self.ns.txn_request(&mut req)?;
         let mut spans = Vec::new();
         txn_spans(&req, &mut spans);
         let answer = self
@@ -192,6 +231,8 @@ impl pb::kv_server::Kv for KvService {
                 }
             })
             .await?;
+        let mut answer = answer;
+        self.ns.txn_response(&mut answer);
         Ok(Response::new(answer))
     }
 

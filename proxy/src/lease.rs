@@ -210,6 +210,8 @@ impl Keepalives {
 pub struct LeaseService {
     pub upstream: Arc<Upstream>,
     pub keepalives: Arc<Keepalives>,
+    /// `--namespace` (TimeToLive lists only this namespace's keys).
+    pub ns: crate::namespace::Namespace,
 }
 
 #[tonic::async_trait]
@@ -221,13 +223,26 @@ impl pb::lease_server::Lease for LeaseService {
         LeaseClient,
         Mutable
     );
-    unary!(
-        lease_time_to_live,
-        pb::LeaseTimeToLiveRequest,
-        pb::LeaseTimeToLiveResponse,
-        LeaseClient,
-        Immutable
-    );
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let (meta, _, message) = request.into_parts();
+        let mut answer = self
+            .upstream
+            .call(Immutable, |channel| {
+                let req = crate::upstream::forward(&meta, message);
+                async move {
+                    LeaseClient::new(channel)
+                        .lease_time_to_live(req)
+                        .await
+                        .map(Response::into_inner)
+                }
+            })
+            .await?;
+        self.ns.lease_keys(&mut answer.keys);
+        Ok(Response::new(answer))
+    }
     unary!(
         lease_leases,
         pb::LeaseLeasesRequest,

@@ -18,6 +18,7 @@ pub(crate) mod forward;
 pub mod http;
 pub mod kv;
 pub mod lease;
+pub mod namespace;
 pub mod services;
 pub mod upstream;
 pub mod watch;
@@ -50,6 +51,7 @@ fn grpc_router(proxy: &Arc<Proxy>) -> axum::Router {
     use keyhold_proto::v3lockpb::lock_server::LockServer;
     let max = proxy.config.max_recv_bytes;
     let up = &proxy.upstream;
+    let ns = namespace::Namespace::new(&proxy.config.namespace);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     drop(health_reporter);
     tonic::service::Routes::new(health)
@@ -58,12 +60,14 @@ fn grpc_router(proxy: &Arc<Proxy>) -> axum::Router {
                 upstream: up.clone(),
                 cache: proxy.cache.clone(),
                 ordering: proxy.config.serializable_ordering,
+                ns: ns.clone(),
             })
             .max_decoding_message_size(max),
         )
         .add_service(
             WatchServer::new(watch::WatchService {
                 hub: proxy.watch.clone(),
+                ns: ns.clone(),
             })
             .max_decoding_message_size(max),
         )
@@ -71,6 +75,7 @@ fn grpc_router(proxy: &Arc<Proxy>) -> axum::Router {
             LeaseServer::new(lease::LeaseService {
                 upstream: up.clone(),
                 keepalives: proxy.keepalives.clone(),
+                ns: ns.clone(),
             })
             .max_decoding_message_size(max),
         )

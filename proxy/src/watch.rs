@@ -471,6 +471,8 @@ struct Options {
     no_delete: bool,
     progress_notify: bool,
     fragment: bool,
+    /// Bytes of namespace prefix stripped from event keys.
+    strip: usize,
 }
 
 impl Options {
@@ -533,6 +535,11 @@ impl Options {
                 let mut e = e.clone();
                 if !self.prev_kv {
                     e.prev_kv = None;
+                }
+                if self.strip > 0 {
+                    for kv in e.kv.iter_mut().chain(e.prev_kv.iter_mut()) {
+                        kv.key.drain(..self.strip.min(kv.key.len()));
+                    }
                 }
                 e
             })
@@ -672,6 +679,8 @@ async fn catch_up_range(
 /// Watch service.
 pub struct WatchService {
     pub hub: Arc<WatchHub>,
+    /// `--namespace`.
+    pub ns: crate::namespace::Namespace,
 }
 
 /// A progress request waiting for fresh progress from the members.
@@ -696,6 +705,7 @@ struct StreamTask {
     next_slot: u64,
     next_auto_id: i64,
     progress_wait: Option<ProgressWait>,
+    ns: crate::namespace::Namespace,
 }
 
 impl StreamTask {
@@ -746,9 +756,13 @@ impl StreamTask {
         }
     }
 
-    async fn create(&mut self, c: pb::WatchCreateRequest) -> bool {
+    async fn create(&mut self, mut c: pb::WatchCreateRequest) -> bool {
         use pb::watch_create_request::FilterType;
-        let key = if c.key.is_empty() { vec![0] } else { c.key };
+        if c.key.is_empty() {
+            c.key = vec![0];
+        }
+        self.ns.watch_create(&mut c);
+        let key = c.key;
         if c.start_revision < 0 {
             return self
                 .create_failed("mvcc: required revision has been compacted")
@@ -815,6 +829,7 @@ impl StreamTask {
             no_delete: filters(FilterType::Nodelete),
             progress_notify: c.progress_notify,
             fragment: c.fragment,
+            strip: self.ns.len(),
         };
         let start = if c.start_revision == 0 {
             join
@@ -1138,6 +1153,7 @@ impl pb::watch_server::Watch for WatchService {
             next_slot: 0,
             next_auto_id: 0,
             progress_wait: None,
+            ns: self.ns.clone(),
         };
         tokio::spawn(async move {
             let mut input_open = true;

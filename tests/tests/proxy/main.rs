@@ -5,6 +5,7 @@
 mod cache;
 mod failover;
 mod keepalive;
+mod namespace;
 mod ordering;
 mod watch;
 
