@@ -10,7 +10,7 @@ use super::client;
 async fn a_namespace_confines_kv_watch_and_lease_to_its_prefix() {
     let node = NodeProcess::start();
     let member = node.client.to_string();
-    let proxy = ProxyProcess::start(&[member.clone()], &["--namespace", "tenant/"]);
+    let proxy = ProxyProcess::start(std::slice::from_ref(&member), &["--namespace", "tenant/"]);
     let mut direct = client(&member).await;
     let mut c = client(&proxy.endpoint()).await;
     direct.put("outside", "x", None).await.expect("put");
