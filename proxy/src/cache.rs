@@ -408,6 +408,7 @@ mod tests {
             serializable_ordering: false,
             namespace: String::new(),
             resolver_prefix: String::new(),
+            resolver_ttl: 0,
             dial_keepalive_time: Duration::from_secs(2),
             dial_keepalive_timeout: Duration::from_secs(2),
             cache_bytes: 1 << 20,

@@ -47,9 +47,13 @@ pub struct Config {
     /// (KV, Watch and Lease, as etcd's grpc-proxy).
     #[arg(long, env = "KEYHOLD_PROXY_NAMESPACE", default_value = "")]
     pub namespace: String,
-    /// Prefix for proxy registration (not supported yet; refused at start).
+    /// Registers this proxy under `<prefix>/<advertise-client-url>` (etcd's naming format) on a
+    /// lease of `--resolver-ttl` seconds; MemberList then lists every registered proxy.
     #[arg(long, env = "KEYHOLD_PROXY_RESOLVER_PREFIX", default_value = "")]
     pub resolver_prefix: String,
+    /// TTL in seconds of the registration lease (required with `--resolver-prefix`).
+    #[arg(long, env = "KEYHOLD_PROXY_RESOLVER_TTL", default_value_t = 0)]
+    pub resolver_ttl: i64,
     /// Keepalive ping interval towards the members.
     #[arg(long, env = "KEYHOLD_PROXY_DIAL_KEEPALIVE_TIME", default_value = "2s", value_parser = parse_duration)]
     pub dial_keepalive_time: Duration,
@@ -77,6 +81,8 @@ pub struct ValidConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub serializable_ordering: bool,
     pub namespace: String,
+    /// `(prefix, ttl seconds)` of the proxy registration.
+    pub resolver: Option<(String, i64)>,
     pub dial_keepalive_time: Duration,
     pub dial_keepalive_timeout: Duration,
     pub cache_bytes: u64,
@@ -131,8 +137,15 @@ impl Config {
         if endpoints.is_empty() {
             return Err("--endpoints: at least one endpoint is required".into());
         }
-        if !self.resolver_prefix.is_empty() {
-            return Err("--resolver-prefix is not supported yet".into());
+        if self.resolver_prefix.is_empty() != (self.resolver_ttl < 1) {
+            return Err(
+                "--resolver-prefix and --resolver-ttl (>= 1) must be given together".into(),
+            );
+        }
+        if !self.resolver_prefix.is_empty() && self.advertise_client_url.is_empty() {
+            return Err(
+                "--resolver-prefix needs --advertise-client-url (the address to register)".into(),
+            );
         }
         let listen_addr =
             socket_addr(&self.listen_addr).map_err(|m| format!("--listen-addr: {m}"))?;
@@ -151,6 +164,8 @@ impl Config {
             metrics_addr,
             serializable_ordering: self.serializable_ordering,
             namespace: self.namespace,
+            resolver: (!self.resolver_prefix.is_empty())
+                .then_some((self.resolver_prefix, self.resolver_ttl)),
             dial_keepalive_time: self.dial_keepalive_time,
             dial_keepalive_timeout: self.dial_keepalive_timeout,
             cache_bytes: self.cache_bytes,
@@ -208,8 +223,23 @@ mod tests {
         assert!(
             parse(&["--resolver-prefix", "a/"])
                 .unwrap_err()
-                .contains("--resolver-prefix")
+                .contains("--resolver-ttl")
         );
+        assert!(
+            parse(&["--resolver-prefix", "a/", "--resolver-ttl", "5"])
+                .unwrap_err()
+                .contains("--advertise-client-url")
+        );
+        let c = parse(&[
+            "--resolver-prefix",
+            "p",
+            "--resolver-ttl",
+            "5",
+            "--advertise-client-url",
+            "http://127.0.0.1:1",
+        ])
+        .expect("registration flags");
+        assert_eq!(c.resolver, Some(("p".to_string(), 5)));
         assert!(parse(&["--dial-keepalive-time", "3h"]).is_err());
     }
 }

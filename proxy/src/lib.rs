@@ -19,6 +19,7 @@ pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod namespace;
+pub mod registration;
 pub mod services;
 pub mod upstream;
 pub mod watch;
@@ -83,6 +84,7 @@ fn grpc_router(proxy: &Arc<Proxy>) -> axum::Router {
             ClusterServer::new(services::ClusterService {
                 upstream: up.clone(),
                 advertise_client_url: proxy.config.advertise_client_url.clone(),
+                resolver_prefix: proxy.config.resolver.as_ref().map(|(p, _)| p.clone()),
             })
             .max_decoding_message_size(max),
         )
@@ -144,11 +146,23 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         config,
     });
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let drivers = vec![
+    let mut drivers = vec![
         tokio::spawn(upstream.clone().probe(stop.clone())),
         tokio::spawn(proxy.cache.clone().run_feed(stop.clone())),
         tokio::spawn(keepalives.run_upstream(upstream.clone(), renewals, stop.clone())),
     ];
+    if let (Some((prefix, ttl)), Some(url)) =
+        (&proxy.config.resolver, &proxy.config.advertise_client_url)
+    {
+        drivers.push(tokio::spawn(registration::run(
+            upstream.clone(),
+            prefix.clone(),
+            *ttl,
+            url.clone(),
+            services::hostname(),
+            stop.clone(),
+        )));
+    }
     let app = grpc_router(&proxy).merge(http::router(proxy.clone()));
     let mut servers = Vec::new();
     let listener = tokio::net::TcpListener::bind(proxy.config.listen_addr).await?;

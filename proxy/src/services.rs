@@ -21,6 +21,8 @@ use crate::upstream::Upstream;
 pub struct ClusterService {
     pub upstream: Arc<Upstream>,
     pub advertise_client_url: Option<String>,
+    /// With `--resolver-prefix`: MemberList lists every proxy registered under it.
+    pub resolver_prefix: Option<String>,
 }
 
 #[tonic::async_trait]
@@ -71,7 +73,18 @@ impl pb::cluster_server::Cluster for ClusterService {
                 }
             })
             .await?;
-        if let Some(url) = &self.advertise_client_url {
+        if let Some(prefix) = &self.resolver_prefix {
+            let registered = crate::registration::list(&self.upstream, prefix).await?;
+            answer.members = registered
+                .into_iter()
+                .map(|(name, url)| pb::Member {
+                    id: proxy_member_id(&url),
+                    name,
+                    client_ur_ls: vec![url],
+                    ..Default::default()
+                })
+                .collect();
+        } else if let Some(url) = &self.advertise_client_url {
             answer.members = vec![pb::Member {
                 id: proxy_member_id(url),
                 name: hostname(),
@@ -90,7 +103,8 @@ fn proxy_member_id(url: &str) -> u64 {
     })
 }
 
-fn hostname() -> String {
+/// This machine's host name (the name a proxy registers and reports).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "keyhold-proxy".into())

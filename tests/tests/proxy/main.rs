@@ -7,6 +7,7 @@ mod failover;
 mod keepalive;
 mod namespace;
 mod ordering;
+mod registration;
 mod watch;
 
 use std::time::Duration;
