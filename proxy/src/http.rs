@@ -31,12 +31,37 @@ pub fn install_metrics() {
 
 /// HTTP routes.
 pub fn router(proxy: Arc<Proxy>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/health", get(health))
         .route("/proxy/health", get(health))
         .route("/metrics", get(render_metrics))
-        .route("/proxy/metrics", get(render_metrics))
-        .with_state(proxy)
+        .route("/proxy/metrics", get(render_metrics));
+    #[cfg(feature = "failpoints")]
+    let router = router.route(
+        "/debug/blocked-endpoints",
+        axum::routing::post(blocked_endpoints),
+    );
+    router.with_state(proxy)
+}
+
+/// Test-only (failpoints builds): `POST /debug/blocked-endpoints?urls=http://a,http://b` cuts
+/// the proxy off from those members (a partition between this proxy and them); no `urls`
+/// heals.
+#[cfg(feature = "failpoints")]
+async fn blocked_endpoints(
+    State(proxy): State<Arc<Proxy>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> String {
+    let urls: Vec<String> = q
+        .get("urls")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    tracing::warn!(?urls, "test fault: proxy cut off from members");
+    format!("blocked {}", proxy.upstream.block(&urls))
 }
 
 async fn render_metrics(State(proxy): State<Arc<Proxy>>) -> String {

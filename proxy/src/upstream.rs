@@ -42,6 +42,8 @@ pub struct Member {
     pub url: String,
     channel: Channel,
     healthy: AtomicBool,
+    /// Test-only fault (failpoints builds): the proxy acts as if partitioned from this member.
+    blocked: AtomicBool,
 }
 
 /// The member set.
@@ -109,6 +111,7 @@ impl Upstream {
                 url: url.clone(),
                 channel,
                 healthy: AtomicBool::new(true),
+                blocked: AtomicBool::new(false),
             });
         }
         Ok(Arc::new(Self {
@@ -125,7 +128,11 @@ impl Upstream {
 
     /// The preferred member's index and channel.
     pub fn pick(&self) -> (usize, Channel) {
-        let i = self.preferred.load(Ordering::Relaxed) % self.members.len();
+        let mut i = self.preferred.load(Ordering::Relaxed) % self.members.len();
+        if self.members[i].blocked.load(Ordering::Relaxed) {
+            self.move_preference_from(i);
+            i = self.preferred.load(Ordering::Relaxed) % self.members.len();
+        }
         (i, self.members[i].channel.clone())
     }
 
@@ -143,7 +150,7 @@ impl Upstream {
         let n = self.members.len();
         for step in 1..=n {
             let j = (i + step) % n;
-            if self.members[j].healthy.load(Ordering::Relaxed) {
+            if self.healthy(j) {
                 let _ = self
                     .preferred
                     .compare_exchange(i, j, Ordering::Relaxed, Ordering::Relaxed);
@@ -162,7 +169,7 @@ impl Upstream {
         let n = self.members.len();
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut order: Vec<usize> = (0..n).map(|s| (first + s) % n).collect();
-        order.sort_by_key(|&i| i != first && !self.members[i].healthy.load(Ordering::Relaxed));
+        order.sort_by_key(|&i| i != first && !self.healthy(i));
         order
     }
 
@@ -177,6 +184,11 @@ impl Upstream {
     {
         let mut last = None;
         for i in self.attempt_order() {
+            if self.members[i].blocked.load(Ordering::Relaxed) {
+                self.failed(i);
+                last = Some(Status::unavailable("test fault: cannot connect to member"));
+                continue;
+            }
             match call(self.members[i].channel.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(s) => {
@@ -200,6 +212,22 @@ impl Upstream {
     /// Whether member `i` passed its last health check.
     pub fn healthy(&self, i: usize) -> bool {
         self.members[i].healthy.load(Ordering::Relaxed)
+            && !self.members[i].blocked.load(Ordering::Relaxed)
+    }
+
+    /// Test-only (failpoints builds): cut the proxy off from the members at these URLs (an
+    /// empty list heals). Returns how many members are now blocked.
+    pub fn block(&self, urls: &[String]) -> usize {
+        let mut n = 0;
+        for (i, m) in self.members.iter().enumerate() {
+            let blocked = urls.iter().any(|u| u == &m.url);
+            m.blocked.store(blocked, Ordering::Relaxed);
+            if blocked {
+                n += 1;
+                self.failed(i);
+            }
+        }
+        n
     }
 
     /// Resolves once member `i` is marked unhealthy (polled; long-lived streams use it to leave
@@ -241,10 +269,11 @@ impl Upstream {
                 let check = client.check(HealthCheckRequest {
                     service: String::new(),
                 });
-                let ok = matches!(
-                    tokio::time::timeout(PROBE_TIMEOUT, check).await,
-                    Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
-                );
+                let ok = !m.blocked.load(Ordering::Relaxed)
+                    && matches!(
+                        tokio::time::timeout(PROBE_TIMEOUT, check).await,
+                        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
+                    );
                 let was = m.healthy.swap(ok, Ordering::Relaxed);
                 metrics::gauge!("keyhold_proxy_endpoint_healthy", "endpoint" => m.url.clone())
                     .set(if ok { 1.0 } else { 0.0 });

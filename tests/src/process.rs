@@ -408,7 +408,11 @@ pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, St
     http_request(addr, "GET", path)
 }
 
-fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(

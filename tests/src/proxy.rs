@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{bin_dir, free_port, http_get, unsafe_kill};
+use crate::process::{bin_dir, free_port, http_get, http_request, unsafe_kill};
 
 /// How long a proxy may take to answer `/health` after start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,6 +109,22 @@ impl ProxyProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
+    }
+
+    /// Cuts this proxy off from the members at `urls` (`http://host:port`; empty heals). Needs
+    /// the proxy's failpoints build (`scripts/test` makes it).
+    pub fn block(&self, urls: &[String]) {
+        let path = format!("/debug/blocked-endpoints?urls={}", urls.join(","));
+        let (code, body) = http_request(self.client, "POST", &path).expect("blocked-endpoints");
+        assert_eq!(
+            code, 200,
+            "blocked-endpoints: {body} (is the failpoints feature on?)"
+        );
+        eprintln!(
+            "[fault {:?}] proxy {}: blocked {urls:?}",
+            std::time::SystemTime::now(),
+            self.client
+        );
     }
 
     /// The value of the Prometheus metric line starting with `name` (first match).

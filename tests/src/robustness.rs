@@ -65,6 +65,9 @@ pub enum Fault {
     /// SIGSTOP the member the proxies use (their first endpoint) past the timeouts, then
     /// SIGCONT: the proxies must move to other members (runs with proxies only).
     ProxyMemberPause,
+    /// Cut proxy 0 off from member 0 (the member it uses), then heal; the member stays in the
+    /// cluster (runs with proxies only; the proxy's failpoints build).
+    ProxyPartition,
 }
 
 impl Fault {
@@ -91,7 +94,11 @@ impl Fault {
     ];
 
     /// Scenarios that need proxies in front of a cluster.
-    pub const PROXY: [Fault; 2] = [Fault::ProxyKill, Fault::ProxyMemberPause];
+    pub const PROXY: [Fault; 3] = [
+        Fault::ProxyKill,
+        Fault::ProxyMemberPause,
+        Fault::ProxyPartition,
+    ];
 
     /// Scenario name.
     pub fn name(self) -> &'static str {
@@ -108,6 +115,7 @@ impl Fault {
             Fault::MemberChurn => "member-churn",
             Fault::ProxyKill => "proxy-kill",
             Fault::ProxyMemberPause => "proxy-member-pause",
+            Fault::ProxyPartition => "proxy-partition",
         }
     }
 
@@ -679,6 +687,14 @@ impl Injector {
                 tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
                 self.with(|c| c.members[0].resume());
                 self.log("SIGCONT member 0".into());
+            }
+            Fault::ProxyPartition => {
+                let member = self.with(|c| format!("http://{}", c.members[0].client));
+                self.with_proxies(|p| p[0].block(std::slice::from_ref(&member)));
+                self.log("proxy 0 cut off from member 0".into());
+                tokio::time::sleep(heal_after + REQUEST_TIMEOUT).await;
+                self.with_proxies(|p| p[0].block(&[]));
+                self.log("healed".into());
             }
             Fault::RestartAll => {
                 self.log("SIGTERM every member".into());

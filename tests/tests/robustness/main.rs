@@ -186,6 +186,12 @@ async fn proxies_kill_a_proxy() {
     must_pass_with(3, 2, Fault::ProxyKill).await;
 }
 
+/// Clients and watches through two proxies; one proxy is cut off from the member it uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_partition_a_proxy_from_its_member() {
+    must_pass_with(3, 2, Fault::ProxyPartition).await;
+}
+
 /// Clients and watches through two proxies; the member they use stops answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_pause_the_member_they_use() {
