@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A health check that takes longer counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failed health checks in a row that mark a member unhealthy.
+const PROBE_FAILURES_MAX: u32 = 2;
 /// How often long-lived streams check that their member is still healthy.
 const STREAM_HEALTH_POLL: Duration = Duration::from_millis(250);
 /// Connecting to a member gives up after this long (the request then moves on).
@@ -44,6 +46,8 @@ pub struct Member {
     healthy: AtomicBool,
     /// Test-only fault (failpoints builds): the proxy acts as if partitioned from this member.
     blocked: AtomicBool,
+    /// Health checks failed in a row.
+    probe_failures: std::sync::atomic::AtomicU32,
 }
 
 /// The member set.
@@ -112,6 +116,7 @@ impl Upstream {
                 channel,
                 healthy: AtomicBool::new(true),
                 blocked: AtomicBool::new(false),
+                probe_failures: std::sync::atomic::AtomicU32::new(0),
             });
         }
         Ok(Arc::new(Self {
@@ -274,6 +279,15 @@ impl Upstream {
                         tokio::time::timeout(PROBE_TIMEOUT, check).await,
                         Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32
                     );
+                // One slow answer on a loaded machine is not a dead member: two failed checks
+                // in a row are (a failed request marks it at once, see `call`).
+                let failures = if ok {
+                    m.probe_failures.store(0, Ordering::Relaxed);
+                    0
+                } else {
+                    m.probe_failures.fetch_add(1, Ordering::Relaxed) + 1
+                };
+                let ok = ok || (failures < PROBE_FAILURES_MAX && m.healthy.load(Ordering::Relaxed));
                 let was = m.healthy.swap(ok, Ordering::Relaxed);
                 metrics::gauge!("keyhold_proxy_endpoint_healthy", "endpoint" => m.url.clone())
                     .set(if ok { 1.0 } else { 0.0 });

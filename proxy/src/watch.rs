@@ -407,10 +407,14 @@ async fn pump(
             } else if resp.events.is_empty() {
                 let next = st.next_rev.unwrap_or(0).max(header_rev + 1);
                 st.next_rev = Some(next);
-                Some(Feed::Progress {
-                    header: resp.header,
-                    epoch,
-                })
+                // After a resume the new member may be behind what the group already
+                // delivered: progress never claims less than that (a bookmark below a delivered
+                // event would make a client resuming from it see the event twice).
+                let mut header = resp.header;
+                if let Some(h) = header.as_mut() {
+                    h.revision = next - 1;
+                }
+                Some(Feed::Progress { header, epoch })
             } else {
                 let last = resp
                     .events

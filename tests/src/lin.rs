@@ -153,16 +153,18 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
                     calls.push((entry, std::mem::replace(&mut state, next)));
                     linearized = bits;
                     list.lift(entry);
-                    if calls.len() > longest.len() {
-                        longest = calls.iter().map(|(e, _)| list.nodes[*e].op).collect();
-                    }
                     entry = list.nodes[List::HEAD].next;
                     continue;
                 }
             }
             entry = list.nodes[entry].next;
         } else {
-            // Reached a return whose call is not linearized: backtrack.
+            // Reached a return whose call is not linearized: backtrack. The deepest partial
+            // linearization is kept for the report (copied only when a backtrack leaves a new
+            // maximum, not on every step: that made long histories quadratic).
+            if calls.len() > longest.len() {
+                longest = calls.iter().map(|(e, _)| list.nodes[*e].op).collect();
+            }
             let Some((call, previous)) = calls.pop() else {
                 return Verdict::Violation { longest };
             };
