@@ -312,31 +312,10 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
         };
         match ended {
             Pumped::Closed => return,
-            Pumped::Over(last) => {
-                let feed = Arc::new(last.clone());
-                for (stream, slot) in hub.end_group(&group, last) {
-                    let d = Delivery::Feed {
-                        slot,
-                        feed: feed.clone(),
-                    };
-                    let _ = stream.send(d).await;
-                }
-                group.started.send_replace(true);
-                return;
-            }
+            Pumped::Over(last) => return end_group(&hub, &group, last).await,
             Pumped::Failed(status) => {
                 if group.key.require_leader && status.message() == "etcdserver: no leader" {
-                    let last = Feed::End(status);
-                    let feed = Arc::new(last.clone());
-                    for (stream, slot) in hub.end_group(&group, last) {
-                        let d = Delivery::Feed {
-                            slot,
-                            feed: feed.clone(),
-                        };
-                        let _ = stream.send(d).await;
-                    }
-                    group.started.send_replace(true);
-                    return;
+                    return end_group(&hub, &group, Feed::End(status)).await;
                 }
                 hub.upstream.failed(member);
                 metrics::counter!("keyhold_proxy_watch_resumes_total").increment(1);
@@ -348,6 +327,20 @@ async fn run_group(hub: Arc<WatchHub>, group: Arc<Group>, mut progress: mpsc::Re
             _ = group.closing.notified() => return,
         }
     }
+}
+
+/// Ends a group for good: every watcher gets `last` (a cancel, or the end of its stream), and
+/// watchers still waiting to join see it too.
+async fn end_group(hub: &WatchHub, group: &Group, last: Feed) {
+    let feed = Arc::new(last.clone());
+    for (stream, slot) in hub.end_group(group, last) {
+        let d = Delivery::Feed {
+            slot,
+            feed: feed.clone(),
+        };
+        let _ = stream.send(d).await;
+    }
+    group.started.send_replace(true);
 }
 
 enum Pumped {
