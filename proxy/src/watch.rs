@@ -18,7 +18,7 @@
 //! a watcher that starts earlier first replays `[start, join)` on a watch of its own, then
 //! drains the shared feed, so there is no gap and no duplicate. When the member under a group
 //! fails, the group reopens its watch on another member from `next_rev`: clients see no second
-//! `created`. A slow client fills its watcher's bounded feed and back-pressures the group; no
+//! `created`. A slow client fills its stream's bounded queue and back-pressures the group; no
 //! event is dropped. Filters and `prev_kv` are applied per watcher; client `watch_id`s are
 //! honoured; progress requests are answered per client stream from what every watcher of the
 //! stream has already sent.
