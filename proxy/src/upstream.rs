@@ -235,13 +235,14 @@ impl Upstream {
         n
     }
 
-    /// Resolves once member `i` is marked unhealthy (polled; long-lived streams use it to leave
-    /// a member that stopped answering before their own HTTP/2 keepalive notices).
+    /// Resolves once member `i` is marked unhealthy while another member is healthy (polled;
+    /// long-lived streams use it to leave a member that stopped answering before their own
+    /// HTTP/2 keepalive notices; with nowhere better to go they stay).
     pub async fn unhealthy(&self, i: usize) {
         let mut tick = tokio::time::interval(STREAM_HEALTH_POLL);
         loop {
             tick.tick().await;
-            if !self.healthy(i) {
+            if !self.healthy(i) && (0..self.members.len()).any(|j| j != i && self.healthy(j)) {
                 return;
             }
         }

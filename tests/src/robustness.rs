@@ -25,8 +25,8 @@ use crate::watch_check::{self, SeenEvent, SeenResponse, Truth, WatchLog};
 const KEY_COUNT: u8 = 10;
 /// Per-request client timeout; a write that times out has an unknown outcome.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-/// Budget for the linearizability search.
-const CHECK_BUDGET: Duration = Duration::from_secs(120);
+/// Least budget for the linearizability search; a long run gets as long as its traffic ran.
+const CHECK_BUDGET_MIN: Duration = Duration::from_secs(120);
 /// TTL of traffic leases: they never expire during a run, so expiry (tested elsewhere) adds no
 /// wall-clock nondeterminism to the model.
 const LEASE_TTL_SECONDS: i64 = 3600;
@@ -1053,11 +1053,12 @@ pub async fn run(cfg: &RunConfig) -> Report {
     report.lost_writes.extend(lost_writes(&ops, &truth));
     report.ops = ops.len();
     let checking = Instant::now();
-    let verdict = tokio::task::block_in_place(|| lin::check(&ops, CHECK_BUDGET));
+    let budget = cfg.duration.max(CHECK_BUDGET_MIN);
+    let verdict = tokio::task::block_in_place(|| lin::check(&ops, budget));
     report.check_ms = checking.elapsed().as_millis() as u64;
     if matches!(verdict, Verdict::Violation { .. }) {
         report.failing_history =
-            tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, CHECK_BUDGET));
+            tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, budget));
     }
     report.linearizable = Some(verdict);
     let logs = watch_set
