@@ -3,6 +3,11 @@
 //! robustness suite can prove its checkers catch what they claim to catch:
 //! - `stale-read`: linearizable ranges read one revision behind the current one.
 //! - `drop-watch-event`: one watch response (the 20th with events) is silently not sent.
+//! - `early-lease-expiry`: the leader expires leases [`EARLY_LEASE_EXPIRY_MS`] before their
+//!   deadline.
+
+/// How early `early-lease-expiry` expires a lease.
+pub const EARLY_LEASE_EXPIRY_MS: u64 = 1500;
 
 /// Whether failpoint `name` is on.
 #[cfg(feature = "failpoints")]

@@ -920,22 +920,34 @@ async fn lessor_driver(node: Arc<Node>) {
         let leader = node.is_leader();
         if leader != was_leader {
             let extend = node.config.election_timeout.as_millis() as u64;
-            node.store.with_lessor(|l| {
+            let leases = node.store.with_lessor(|l| {
                 if !leader {
                     l.demote()
                 } else if !l.is_primary() {
                     l.promote(now, extend)
                 }
+                l.ids().len()
             });
+            if leader {
+                tracing::info!(leases, "lessor promoted: expiring leases from now on");
+            } else {
+                tracing::info!(leases, "lessor demoted");
+            }
             was_leader = leader;
         }
         if !leader || !ticked {
             continue;
         }
+        let horizon = if crate::failpoints::enabled("early-lease-expiry") {
+            now + crate::failpoints::EARLY_LEASE_EXPIRY_MS
+        } else {
+            now
+        };
         let expired = node
             .store
-            .with_lessor(|l| l.expired(now, keyhold_store::limits::LEASE_REVOKES_PER_TICK_MAX));
+            .with_lessor(|l| l.expired(horizon, keyhold_store::limits::LEASE_REVOKES_PER_TICK_MAX));
         for id in expired {
+            tracing::debug!(lease = id, "revoking expired lease");
             match node.propose(WriteRequest::LeaseRevoke { id }).await {
                 Ok(_) | Err(Error::Store(keyhold_store::Error::LeaseNotFound)) => {}
                 Err(e) => tracing::warn!(lease = id, error = %e, "revoking expired lease"),

@@ -26,12 +26,19 @@ pub enum Input {
     },
     /// Count of all keys (a linearizable range over the whole key space).
     CountAll,
-    /// Grant a lease with this ID (long TTL: it never expires during a run).
-    LeaseGrant(i64),
+    /// Grant a lease with this ID and TTL in seconds (long: it never expires during a run,
+    /// except the short leases of the `lease-expiry` scenario).
+    LeaseGrant(i64, i64),
     /// Put of a unique value attached to a lease.
     PutWithLease(Key, u64, i64),
     /// Revoke a lease, deleting its keys.
     LeaseRevoke(i64),
+    /// One keepalive of a lease (a read of whether it is alive; the TTL it refreshes is not
+    /// modelled, only the expiry's earliest time is).
+    LeaseKeepAlive(i64),
+    /// The server expired a lease: recorded by the harness, not a client, with the earliest
+    /// time it may happen as its call and no return (it happens once, or is still pending).
+    LeaseExpire(i64),
 }
 
 /// What the server answered.
@@ -55,6 +62,8 @@ pub enum Output {
     Lease { revision: i64 },
     /// The request named a lease that does not exist (a definite outcome: nothing changed).
     LeaseNotFound,
+    /// A keepalive's answer: whether the lease was alive (TTL > 0).
+    KeepAlive { alive: bool },
     /// The outcome is unknown (only for writes; failed reads are dropped).
     Unknown,
 }
@@ -77,7 +86,10 @@ pub struct Op {
 impl Op {
     /// Whether the request can change state.
     pub fn is_write(&self) -> bool {
-        !matches!(self.input, Input::Get(_) | Input::CountAll)
+        !matches!(
+            self.input,
+            Input::Get(_) | Input::CountAll | Input::LeaseKeepAlive(_)
+        )
     }
 }
 

@@ -476,7 +476,7 @@ mod tests {
                 0,
                 0,
                 Some(1),
-                Input::LeaseGrant(l),
+                Input::LeaseGrant(l, 3600),
                 Output::Lease { revision: 1 },
             ),
             op(
@@ -532,6 +532,84 @@ mod tests {
                 Verdict::Violation { .. }
             ),
             "revoke must delete attached keys"
+        );
+    }
+
+    /// An expiry is pinned to its revision by the harness (from the persisted tombstones) and
+    /// may not take effect before its earliest time: a read that saw its keys gone, or a
+    /// keepalive that found the lease dead, before that time is a violation.
+    #[test]
+    fn a_lease_expires_no_earlier_than_its_last_keepalive_allows() {
+        let l = 1 << 40;
+        let history = |expire_after: u64| {
+            vec![
+                op(
+                    0,
+                    0,
+                    Some(1),
+                    Input::LeaseGrant(l, 3600),
+                    Output::Lease { revision: 1 },
+                ),
+                op(
+                    0,
+                    2,
+                    Some(3),
+                    Input::PutWithLease(1, 10, l),
+                    Output::Put { revision: 2 },
+                ),
+                op(
+                    0,
+                    4,
+                    Some(5),
+                    Input::LeaseKeepAlive(l),
+                    Output::KeepAlive { alive: true },
+                ),
+                op(
+                    1,
+                    expire_after,
+                    None,
+                    Input::LeaseExpire(l),
+                    Output::Lease { revision: 3 },
+                ),
+                op(
+                    0,
+                    20,
+                    Some(21),
+                    Input::Get(1),
+                    Output::Get {
+                        value: None,
+                        mod_revision: 0,
+                        revision: 3,
+                    },
+                ),
+                op(
+                    0,
+                    22,
+                    Some(23),
+                    Input::LeaseKeepAlive(l),
+                    Output::KeepAlive { alive: false },
+                ),
+            ]
+        };
+        assert_eq!(
+            check(&history(10), Duration::from_secs(5)),
+            Verdict::Linearizable
+        );
+        assert!(
+            matches!(
+                check(&history(30), Duration::from_secs(5)),
+                Verdict::Violation { .. }
+            ),
+            "keys gone before the lease's earliest expiry"
+        );
+        let mut alive_after = history(10);
+        alive_after[5].output = Output::KeepAlive { alive: true };
+        assert!(
+            matches!(
+                check(&alive_after, Duration::from_secs(5)),
+                Verdict::Violation { .. }
+            ),
+            "a keepalive answered alive after the expiry"
         );
     }
 }

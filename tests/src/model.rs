@@ -92,14 +92,18 @@ impl KvState {
                     Output::LeaseNotFound
                 }
             }
-            Input::LeaseGrant(id) => {
+            Input::LeaseGrant(id, _) => {
                 // IDs are unique per run, so a grant never collides.
                 next.leases.insert(*id);
                 Output::Lease {
                     revision: self.revision,
                 }
             }
-            Input::LeaseRevoke(id) => {
+            Input::LeaseKeepAlive(id) => Output::KeepAlive {
+                alive: self.leases.contains(id),
+            },
+            // An expiry is a revoke the server makes on its own.
+            Input::LeaseRevoke(id) | Input::LeaseExpire(id) => {
                 if next.leases.remove(id) {
                     let before = next.keys.len();
                     next.keys.retain(|_, e| e.lease != *id);

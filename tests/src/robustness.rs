@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  seed ─► clients (Get/Put/Delete/CAS/Count/leases on 10 keys, unique values) ─► Recorder
+//!       ─► lease-expiry client (short leases, keepalives, expiries as ops) ─► Recorder
 //!       ─► watches (prefix, from revision 1 / now / mid-run; resumed after breaks) ─► WatchLogs
 //!       ─► fault injector (kill -9 / SIGSTOP / SIGTERM / compaction) ─► timeline
 //!  stop ─► ground truth (history read from the data dir) ─► patch unknown writes ─► checks
@@ -30,6 +31,16 @@ const CHECK_BUDGET_MIN: Duration = Duration::from_secs(120);
 /// TTL of traffic leases: they never expire during a run, so expiry (tested elsewhere) adds no
 /// wall-clock nondeterminism to the model.
 const LEASE_TTL_SECONDS: i64 = 3600;
+/// Keys only the lease-expiry client writes, each with its current short lease, so a tombstone
+/// of one is that lease's expiry.
+const EXPIRY_KEYS: [u8; 3] = [10, 11, 12];
+/// TTL of the leases the lease-expiry client leaves to expire.
+const SHORT_LEASE_TTL_SECONDS: i64 = 3;
+/// Keepalive period of the short leases (a third of their TTL, as etcd's clients do).
+const SHORT_LEASE_KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long past its TTL an unkept lease may live before it counts as never expiring: a new
+/// leader restores the remaining TTL, and a killed leader's restart takes a few seconds.
+const EXPIRY_GRACE: Duration = Duration::from_secs(15);
 /// Prefix every key lives under.
 const PREFIX: &str = "k";
 
@@ -49,6 +60,10 @@ pub enum Fault {
     Compaction,
     /// kill -9 a follower, then restart it (cluster only).
     KillFollower,
+    /// Short leases kept alive for a while and then left to expire, while the leader is killed
+    /// and restarted: no expiry before the TTL its last keepalive granted, none missed after a
+    /// leader change (cluster only).
+    LeaseExpiry,
     /// Cut the leader off from the majority, both ways, then heal (cluster only; needs the
     /// nodes' failpoints build).
     Partition,
@@ -81,10 +96,11 @@ impl Fault {
     ];
 
     /// Every cluster scenario.
-    pub const CLUSTER: [Fault; 9] = [
+    pub const CLUSTER: [Fault; 10] = [
         Fault::None,
         Fault::Kill,
         Fault::KillFollower,
+        Fault::LeaseExpiry,
         Fault::Pause,
         Fault::Partition,
         Fault::OneWayPartition,
@@ -109,6 +125,7 @@ impl Fault {
             Fault::Restart => "restart",
             Fault::Compaction => "compaction",
             Fault::KillFollower => "kill-follower",
+            Fault::LeaseExpiry => "lease-expiry",
             Fault::Partition => "partition",
             Fault::OneWayPartition => "one-way-partition",
             Fault::RestartAll => "restart-all",
@@ -169,6 +186,11 @@ pub struct Report {
     pub watch_violations: Vec<String>,
     /// Acknowledged writes missing from the persisted history.
     pub lost_writes: Vec<String>,
+    /// Leases that outlived their TTL by more than [`EXPIRY_GRACE`], or whose keys were not
+    /// deleted at one revision.
+    pub lease_violations: Vec<String>,
+    /// Lease expiries pinned to the revision that deleted their keys (lease-expiry scenario).
+    pub lease_expiries: usize,
     /// For a violation: the smallest failing sub-history found.
     pub failing_history: Vec<Op>,
     /// Time the linearizability check took.
@@ -183,13 +205,14 @@ impl Report {
         self.linearizable == Some(Verdict::Linearizable)
             && self.watch_violations.is_empty()
             && self.lost_writes.is_empty()
+            && self.lease_violations.is_empty()
             && self.fault_errors.is_empty()
     }
 
     /// A human-readable summary (printed on failure with the reproducer command).
     pub fn summary(&self, cfg: &RunConfig) -> String {
         let mut s = format!(
-            "scenario={} members={} proxies={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} check_ms={}\n",
+            "scenario={} members={} proxies={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} lease_expiries={} lease_violations={} check_ms={}\n",
             cfg.fault.name(),
             cfg.members,
             cfg.proxies,
@@ -205,15 +228,22 @@ impl Report {
             },
             self.watch_violations.len(),
             self.lost_writes.len(),
+            self.lease_expiries,
+            self.lease_violations.len(),
             self.check_ms,
         );
         s += &format!(
-            "reproduce: cargo run -p keyhold-tests --bin robustness -- --members {} --proxies {} --scenario {} --duration {}s --seed {}\n",
+            "reproduce: cargo run -p keyhold-tests --bin robustness -- --members {} --proxies {} --scenario {} --duration {}s --seed {}{}\n",
             cfg.members,
             cfg.proxies,
             cfg.fault.name(),
             cfg.duration.as_secs(),
-            self.seed
+            self.seed,
+            if cfg.failpoints.is_empty() {
+                String::new()
+            } else {
+                format!(" --failpoints {}", cfg.failpoints.join(","))
+            }
         );
         for e in &self.fault_errors {
             s += &format!("  fault error: {e}\n");
@@ -226,6 +256,9 @@ impl Report {
         }
         for l in self.lost_writes.iter().take(20) {
             s += &format!("  lost: {l}\n");
+        }
+        for l in self.lease_violations.iter().take(20) {
+            s += &format!("  lease: {l}\n");
         }
         if !self.failing_history.is_empty() {
             s += "  smallest failing history (last 30 ops):\n";
@@ -308,7 +341,6 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
                 continue;
             }
         }
-        let Some(c) = client.as_mut() else { continue };
         let k = rng.below(u64::from(KEY_COUNT)) as u8;
         counter += 1;
         let value = ((id as u64 + 1) << 32) | counter;
@@ -326,49 +358,209 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
             (80..=84, _) | (85..=99, None) => {
                 let lease_id = ((id as i64 + 1) << 40) | counter as i64;
                 leases.push(lease_id);
-                Input::LeaseGrant(lease_id)
+                Input::LeaseGrant(lease_id, LEASE_TTL_SECONDS)
             }
             (85..=95, Some(l)) => Input::PutWithLease(k, value, l),
             (_, Some(l)) => Input::LeaseRevoke(l),
             (_, None) => Input::CountAll,
         };
-        let call = rec.now();
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, execute(c, &input)).await;
-        let ret = rec.now();
-        match result {
-            Ok(Ok(output)) => {
-                if let Output::Get { mod_revision, .. } = output {
-                    known_mod[k as usize] = mod_revision;
-                }
+        if let Some(Output::Get { mod_revision, .. }) = perform(&mut client, &rec, id, input).await
+        {
+            known_mod[k as usize] = mod_revision;
+        }
+    }
+}
+
+/// Runs `input` on the connected `client` and records it: an answer as it came, a failed
+/// write as unknown (a failed read is dropped, it changed nothing). A refused or timed-out
+/// call drops the connection (a paused server may hold it forever).
+async fn perform(
+    client: &mut Option<Client>,
+    rec: &Recorder,
+    id: usize,
+    input: Input,
+) -> Option<Output> {
+    let c = client.as_mut()?;
+    let call = rec.now();
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, execute(c, &input)).await;
+    let ret = rec.now();
+    match result {
+        Ok(Ok(output)) => {
+            rec.record(Op {
+                client: id,
+                call,
+                ret: Some(ret),
+                input,
+                output: output.clone(),
+            });
+            return Some(output);
+        }
+        Ok(Err(e)) if never_sent(&e) => *client = None,
+        failed => {
+            if !matches!(input, Input::Get(_) | Input::CountAll) {
                 rec.record(Op {
                     client: id,
                     call,
-                    ret: Some(ret),
+                    ret: None,
                     input,
-                    output,
+                    output: Output::Unknown,
                 });
             }
-            Ok(Err(e)) if never_sent(&e) => {
-                client = None;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            failed => {
-                if !matches!(input, Input::Get(_) | Input::CountAll) {
-                    rec.record(Op {
-                        client: id,
-                        call,
-                        ret: None,
-                        input,
-                        output: Output::Unknown,
-                    });
-                }
-                if failed.is_err() {
-                    client = None; // a timed-out connection may be stuck (paused server)
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if failed.is_err() {
+                *client = None;
             }
         }
     }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    None
+}
+
+/// The lease-expiry scenario's client, one lease at a time: grant a short lease, attach 1–3 of
+/// [`EXPIRY_KEYS`] to it, keep it alive a few times, then stop and wait for the server to
+/// expire it. The expiry is recorded as an op whose call is the earliest time it may happen
+/// (the last keepalive's call plus the TTL it answered: a member refreshes after the call, a
+/// proxy answers with the TTL left); a lease whose keys outlive that by [`EXPIRY_GRACE`] is a
+/// violation.
+async fn run_lease_client(
+    id: usize,
+    endpoint: String,
+    seed: u64,
+    rec: Recorder,
+    until: Instant,
+    violations: Arc<Mutex<Vec<String>>>,
+) {
+    let mut rng = Rng::new(seed);
+    let mut client = None;
+    let mut counter = 0u64;
+    while Instant::now() < until {
+        if client.is_none() {
+            client = connect(&endpoint).await;
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        counter += 1;
+        let lease = ((id as i64 + 1) << 40) | counter as i64;
+        let call = rec.now();
+        let Some(Output::Lease { .. }) = perform(
+            &mut client,
+            &rec,
+            id,
+            Input::LeaseGrant(lease, SHORT_LEASE_TTL_SECONDS),
+        )
+        .await
+        else {
+            continue; // not granted, or unknown: a lease without keys expires unseen
+        };
+        let mut earliest = call + SHORT_LEASE_TTL_SECONDS as u64 * 1_000_000_000;
+        let attached = 1 + rng.below(EXPIRY_KEYS.len() as u64) as usize;
+        for &k in &EXPIRY_KEYS[..attached] {
+            counter += 1;
+            let value = ((id as u64 + 1) << 32) | counter;
+            if client.is_none() {
+                client = connect(&endpoint).await;
+            }
+            perform(&mut client, &rec, id, Input::PutWithLease(k, value, lease)).await;
+        }
+        for _ in 0..rng.below(4) {
+            tokio::time::sleep(SHORT_LEASE_KEEPALIVE).await;
+            if client.is_none() {
+                client = connect(&endpoint).await;
+            }
+            if let Some(c) = client.as_mut() {
+                match keep_alive_once(c, &rec, id, lease).await {
+                    Ok(Some(bound)) => earliest = earliest.max(bound),
+                    Ok(None) => break, // gone already: the expiry op must come before that
+                    Err(()) => client = None,
+                }
+            }
+        }
+        rec.record(Op {
+            client: usize::MAX,
+            call: earliest,
+            ret: None,
+            input: Input::LeaseExpire(lease),
+            output: Output::Unknown,
+        });
+        // Wait for the expiry: the keys gone (nobody else writes them, so absence is enough).
+        let deadline =
+            Instant::now() + Duration::from_secs(SHORT_LEASE_TTL_SECONDS as u64) + EXPIRY_GRACE;
+        let mut gone = false;
+        while !gone && Instant::now() < deadline {
+            if client.is_none() {
+                client = connect(&endpoint).await;
+            }
+            let mut present = false;
+            for &k in &EXPIRY_KEYS[..attached] {
+                match perform(&mut client, &rec, id, Input::Get(k)).await {
+                    Some(Output::Get { value: None, .. }) => {}
+                    _ => present = true,
+                }
+            }
+            gone = !present;
+            if !gone {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        if !gone {
+            violations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "lease {lease:#x}: its keys still there {}s after its last keepalive's TTL ran out",
+                    (SHORT_LEASE_TTL_SECONDS as u64) + EXPIRY_GRACE.as_secs()
+                ));
+        }
+    }
+}
+
+/// One keepalive that reports its TTL, recorded as a `LeaseKeepAlive` read. etcd-client
+/// consumes the first answer of a keepalive stream (an error when its TTL is 0), so a second
+/// keepalive on the stream carries the TTL. Returns the earliest expiry the answer allows (its
+/// call time plus the answered TTL), `None` when the lease is gone, `Err` on a failed call.
+async fn keep_alive_once(
+    c: &mut Client,
+    rec: &Recorder,
+    id: usize,
+    lease: i64,
+) -> Result<Option<u64>, ()> {
+    let call = rec.now();
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let (mut keeper, mut answers) = match c.lease_keep_alive(lease).await {
+            Ok(k) => k,
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let second = rec.now();
+        keeper.keep_alive().await?;
+        let ttl = answers.message().await?.map_or(0, |a| a.ttl());
+        // A second answer of TTL 0 means it expired between the two: it was alive at the first.
+        Ok(Some(
+            (ttl > 0).then_some(second + ttl as u64 * 1_000_000_000),
+        ))
+    })
+    .await;
+    let ret = rec.now();
+    let (alive, bound) = match answer {
+        Ok(Ok(None)) => (false, None),
+        Ok(Ok(Some(bound))) => (true, bound),
+        _ => return Err(()),
+    };
+    rec.record(Op {
+        client: id,
+        call,
+        ret: Some(ret),
+        input: Input::LeaseKeepAlive(lease),
+        output: Output::KeepAlive { alive },
+    });
+    Ok(if alive {
+        Some(bound.unwrap_or(call))
+    } else {
+        None
+    })
 }
 
 async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::Error> {
@@ -378,9 +570,9 @@ async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::E
             if s.code() == tonic::Code::NotFound && s.message() == "etcdserver: requested lease not found")
     };
     Ok(match input {
-        Input::LeaseGrant(id) => {
+        Input::LeaseGrant(id, ttl) => {
             let opts = etcd_client::LeaseGrantOptions::new().with_id(*id);
-            let r = c.lease_grant(LEASE_TTL_SECONDS, Some(opts)).await?;
+            let r = c.lease_grant(*ttl, Some(opts)).await?;
             Output::Lease {
                 revision: rev(r.header()),
             }
@@ -394,6 +586,11 @@ async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::E
                 Err(e) if lease_not_found(&e) => Output::LeaseNotFound,
                 Err(e) => return Err(e),
             }
+        }
+        Input::LeaseKeepAlive(_) | Input::LeaseExpire(_) => {
+            return Err(etcd_client::Error::InvalidArgs(
+                "keepalives run in keep_alive_once; expiries are the server's".into(),
+            ));
         }
         Input::LeaseRevoke(id) => match c.lease_revoke(*id).await {
             Ok(r) => Output::Lease {
@@ -626,11 +823,11 @@ impl Injector {
         let leader = self.with(|c| c.wait_leader(None));
         match fault {
             Fault::None => {}
-            Fault::Kill | Fault::KillFollower => {
-                let victim = if fault == Fault::Kill {
-                    leader
-                } else {
+            Fault::Kill | Fault::KillFollower | Fault::LeaseExpiry => {
+                let victim = if fault == Fault::KillFollower {
                     self.with(|c| c.others(leader)[0])
+                } else {
+                    leader
                 };
                 self.log(format!("kill -9 member {victim} (leader {leader})"));
                 self.with(|c| c.members[victim].kill9());
@@ -918,6 +1115,21 @@ pub async fn run(cfg: &RunConfig) -> Report {
             ))
         })
         .collect();
+    let expiry_violations = Arc::new(Mutex::new(Vec::new()));
+    // The lease-expiry client runs in its scenario, and with the planted early expiry that
+    // must fail its checks (there without a leader change, so every lease shows it).
+    let expiring_leases =
+        cfg.fault == Fault::LeaseExpiry || cfg.failpoints.iter().any(|f| f == "early-lease-expiry");
+    let lease_client = expiring_leases.then(|| {
+        tokio::spawn(run_lease_client(
+            cfg.clients,
+            endpoints[cfg.clients % endpoints.len()].clone(),
+            rng.next_u64(),
+            rec.clone(),
+            until,
+            expiry_violations.clone(),
+        ))
+    });
 
     // Fault schedule: one fault somewhere in the middle third of the run.
     let fault_at =
@@ -956,7 +1168,7 @@ pub async fn run(cfg: &RunConfig) -> Report {
         .unwrap_or(1);
     watches.push(watch_set.spawn(mid, true));
 
-    for c in clients {
+    for c in clients.into_iter().chain(lease_client) {
         let _ = c.await;
     }
     let _ = injecting.await;
@@ -1047,8 +1259,25 @@ pub async fn run(cfg: &RunConfig) -> Report {
         .collect();
 
     let mut ops = rec.ops();
-    report.unknown_writes = ops.iter().filter(|o| o.ret.is_none()).count();
+    report.unknown_writes = ops
+        .iter()
+        .filter(|o| o.ret.is_none() && !matches!(o.input, Input::LeaseExpire(_)))
+        .count();
     patch_unknown_writes(&mut ops, &truth);
+    report.lease_violations =
+        std::mem::take(&mut *expiry_violations.lock().unwrap_or_else(|p| p.into_inner()));
+    report
+        .lease_violations
+        .extend(patch_lease_expiries(&mut ops, &truth));
+    report.lease_expiries = ops
+        .iter()
+        .filter(|o| {
+            matches!(
+                (&o.input, &o.output),
+                (Input::LeaseExpire(_), Output::Lease { .. })
+            )
+        })
+        .count();
     // (Appended: the convergence and replica comparisons above are findings too.)
     report.lost_writes.extend(lost_writes(&ops, &truth));
     report.ops = ops.len();
@@ -1119,6 +1348,51 @@ fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
             _ => true,
         }
     });
+}
+
+/// Pins each lease expiry to the revision at which the persisted history deleted its keys (the
+/// lease-expiry client's keys are written by nobody else, so the put a tombstone follows names
+/// the lease). Keys deleted at more than one revision are a violation: an expiry is one revoke.
+/// An expiry with no tombstone (no key left on its lease) stays unknown for the checker.
+fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let lease_of: HashMap<u64, i64> = ops
+        .iter()
+        .filter_map(|o| match o.input {
+            Input::PutWithLease(_, v, l) => Some((v, l)),
+            _ => None,
+        })
+        .collect();
+    let expiry_keys: BTreeSet<Vec<u8>> = EXPIRY_KEYS.iter().map(|k| key(*k).into_bytes()).collect();
+    let mut last_put: BTreeMap<&[u8], u64> = BTreeMap::new();
+    let mut deleted_at: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    for e in truth.events.iter().filter(|e| expiry_keys.contains(&e.key)) {
+        if e.put {
+            last_put.insert(&e.key, parse_value(&e.value));
+        } else if let Some(lease) = last_put
+            .remove(e.key.as_slice())
+            .and_then(|v| lease_of.get(&v))
+        {
+            deleted_at.entry(*lease).or_default().insert(e.revision);
+        }
+    }
+    let mut violations = Vec::new();
+    for op in ops.iter_mut() {
+        let Input::LeaseExpire(lease) = op.input else {
+            continue;
+        };
+        match deleted_at
+            .get(&lease)
+            .map(|r| r.iter().copied().collect::<Vec<_>>())
+        {
+            None => {}
+            Some(r) if r.len() == 1 => op.output = Output::Lease { revision: r[0] },
+            Some(r) => violations.push(format!(
+                "lease {lease:#x}: its keys were deleted at revisions {r:?}, not at one"
+            )),
+        }
+    }
+    violations
 }
 
 /// Unknown deletes resolved from the persisted history: tombstones of a key that no

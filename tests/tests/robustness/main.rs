@@ -121,6 +121,12 @@ async fn cluster_kill_follower() {
     must_pass_on(3, Fault::KillFollower).await;
 }
 
+/// Short leases kept alive, then left to expire, across a leader kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_lease_expiry_across_a_leader_change() {
+    must_pass_on(3, Fault::LeaseExpiry).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_pause_leader_past_the_election_timeout() {
     must_pass_on(3, Fault::Pause).await;
@@ -178,6 +184,20 @@ async fn planted_dropped_watch_event_is_caught() {
         "the watch validators missed a dropped event:\n{}",
         report.summary(&cfg)
     );
+}
+
+/// A leader that expires leases before their TTL ran out must fail the checker: the expiry
+/// client's reads see the keys gone before the earliest time its last keepalive allows (the
+/// same run without the failpoint is `baseline`, which passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planted_early_lease_expiry_is_caught() {
+    let (cfg, report) = scenario(Fault::None, &["early-lease-expiry"]).await;
+    assert!(
+        matches!(report.linearizable, Some(Verdict::Violation { .. })),
+        "the checker missed leases expiring early:\n{}",
+        report.summary(&cfg)
+    );
+    assert!(!report.failing_history.is_empty());
 }
 
 /// Clients and watches through two proxies; one proxy is killed and restarted.
