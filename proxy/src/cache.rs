@@ -400,21 +400,16 @@ mod tests {
     use super::*;
 
     fn upstream() -> Arc<Upstream> {
-        let config = crate::config::Config {
-            endpoints: "127.0.0.1:1".into(),
-            listen_addr: "127.0.0.1:0".into(),
-            advertise_client_url: String::new(),
-            metrics_addr: None,
-            serializable_ordering: false,
-            namespace: String::new(),
-            resolver_prefix: String::new(),
-            resolver_ttl: 0,
-            dial_keepalive_time: Duration::from_secs(2),
-            dial_keepalive_timeout: Duration::from_secs(2),
-            cache_bytes: 1 << 20,
-            max_recv_bytes: 1 << 20,
-            log_level: "info".into(),
-        }
+        use clap::Parser;
+        let config = crate::config::Config::parse_from([
+            "keyhold-proxy",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--cache-bytes",
+            "1048576",
+        ])
         .validate()
         .expect("config");
         Upstream::new(&config).expect("upstream")

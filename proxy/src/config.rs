@@ -3,6 +3,7 @@
 //! [`ValidConfig`]; every default lives here.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -15,7 +16,8 @@ use clap::Parser;
     about = "A stateless etcd v3 gRPC proxy in front of Keyhold (or etcd) members"
 )]
 pub struct Config {
-    /// Comma-separated storage member endpoints (`host:port` or `http://host:port`).
+    /// Comma-separated storage member endpoints (`host:port`, `http://host:port`, or
+    /// `https://host:port` with `--cacert`).
     #[arg(
         long,
         env = "KEYHOLD_PROXY_ENDPOINTS",
@@ -66,6 +68,28 @@ pub struct Config {
     /// Largest request a client may send, as on a member.
     #[arg(long, env = "KEYHOLD_PROXY_MAX_RECV_BYTES", default_value_t = 1536 * 1024 + 512 * 1024)]
     pub max_recv_bytes: usize,
+    /// Certificate (PEM) clients see: the proxy serves TLS (with `--key-file`).
+    #[arg(long, env = "KEYHOLD_PROXY_CERT_FILE")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--cert-file`.
+    #[arg(long, env = "KEYHOLD_PROXY_KEY_FILE")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// CA bundle (PEM) that signs client certificates: clients must present one (mutual TLS).
+    #[arg(long, env = "KEYHOLD_PROXY_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<std::path::PathBuf>,
+    /// Serve TLS to clients with a self-signed certificate made at start (trials only: clients
+    /// cannot verify it).
+    #[arg(long, env = "KEYHOLD_PROXY_AUTO_TLS")]
+    pub auto_tls: bool,
+    /// CA bundle (PEM) that signs the members' certificates, for `https://` endpoints.
+    #[arg(long, env = "KEYHOLD_PROXY_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) the proxy presents to members (with `--key`).
+    #[arg(long, env = "KEYHOLD_PROXY_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--cert`.
+    #[arg(long, env = "KEYHOLD_PROXY_KEY")]
+    pub key: Option<std::path::PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "KEYHOLD_PROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -74,8 +98,12 @@ pub struct Config {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct ValidConfig {
-    /// Upstream endpoints as `http://host:port`.
+    /// Upstream endpoints as `http://host:port` or `https://host:port`.
     pub endpoints: Vec<String>,
+    /// TLS towards clients, when configured.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS towards `https://` endpoints.
+    pub upstream_tls: Option<tonic::transport::ClientTlsConfig>,
     pub listen_addr: SocketAddr,
     pub advertise_client_url: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
@@ -114,6 +142,32 @@ fn socket_addr(url: &str) -> Result<SocketAddr, String> {
 }
 
 impl Config {
+    /// The client-facing TLS configuration from `--cert-file`/`--key-file`, `--auto-tls` and
+    /// `--trusted-ca-file`.
+    fn client_tls(&self, listen: SocketAddr) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        use crate::tls::ServerCert;
+        let cert = match (&self.cert_file, &self.key_file, self.auto_tls) {
+            (Some(cert), Some(key), false) => ServerCert::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (None, None, true) => {
+                ServerCert::SelfSigned(vec!["localhost".into(), listen.ip().to_string()])
+            }
+            (None, None, false) if self.trusted_ca_file.is_none() => return Ok(None),
+            (None, None, false) => {
+                return Err("--trusted-ca-file needs --cert-file and --key-file".into());
+            }
+            (_, _, true) => {
+                return Err("--auto-tls and --cert-file/--key-file exclude each other".into());
+            }
+            _ => return Err("--cert-file and --key-file must be given together".into()),
+        };
+        crate::tls::server_config(&cert, self.trusted_ca_file.as_deref())
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
     /// Checks every flag once.
     ///
     /// # Errors
@@ -126,13 +180,18 @@ impl Config {
             .map(str::trim)
             .filter(|e| !e.is_empty())
         {
-            if e.starts_with("https://") || e.starts_with("unixs://") {
+            if e.starts_with("unix://") || e.starts_with("unixs://") {
                 return Err(format!(
-                    "--endpoints: TLS upstreams are not supported yet ({e})"
+                    "--endpoints: unix socket endpoints are not supported ({e})"
                 ));
             }
             let addr = socket_addr(e).map_err(|m| format!("--endpoints: {m}"))?;
-            endpoints.push(format!("http://{addr}"));
+            let scheme = if e.starts_with("https://") {
+                "https"
+            } else {
+                "http"
+            };
+            endpoints.push(format!("{scheme}://{addr}"));
         }
         if endpoints.is_empty() {
             return Err("--endpoints: at least one endpoint is required".into());
@@ -149,6 +208,23 @@ impl Config {
         }
         let listen_addr =
             socket_addr(&self.listen_addr).map_err(|m| format!("--listen-addr: {m}"))?;
+        let client_tls = self.client_tls(listen_addr)?;
+        let upstream_tls = if endpoints.iter().any(|e| e.starts_with("https://")) {
+            let cacert = self.cacert.as_deref().ok_or(
+                "--endpoints: https:// endpoints need --cacert (the CA that signed the members)",
+            )?;
+            let identity = match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => return Err("--cert and --key must be given together".into()),
+            };
+            Some(crate::tls::client_config(cacert, identity).map_err(|e| e.to_string())?)
+        } else {
+            if self.cacert.is_some() || self.cert.is_some() || self.key.is_some() {
+                return Err("--cacert, --cert and --key need https:// --endpoints".into());
+            }
+            None
+        };
         let metrics_addr = self
             .metrics_addr
             .as_deref()
@@ -159,6 +235,8 @@ impl Config {
             (!self.advertise_client_url.is_empty()).then_some(self.advertise_client_url);
         Ok(ValidConfig {
             endpoints,
+            client_tls,
+            upstream_tls,
             listen_addr,
             advertise_client_url,
             metrics_addr,
@@ -241,5 +319,42 @@ mod tests {
         .expect("registration flags");
         assert_eq!(c.resolver, Some(("p".to_string(), 5)));
         assert!(parse(&["--dial-keepalive-time", "3h"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags_come_in_working_sets() {
+        assert!(
+            parse(&["--cert-file", "/nonexistent.crt"])
+                .unwrap_err()
+                .contains("--key-file")
+        );
+        assert!(
+            parse(&["--trusted-ca-file", "/nonexistent.crt"])
+                .unwrap_err()
+                .contains("--cert-file")
+        );
+        assert!(
+            parse(&[
+                "--cert-file",
+                "/nonexistent.crt",
+                "--key-file",
+                "/nonexistent.key"
+            ])
+            .unwrap_err()
+            .contains("/nonexistent.crt"),
+            "an unreadable file is named"
+        );
+        assert!(
+            parse(&["--endpoints", "https://127.0.0.1:1"])
+                .unwrap_err()
+                .contains("--cacert")
+        );
+        assert!(
+            parse(&["--cacert", "/nonexistent.crt"])
+                .unwrap_err()
+                .contains("https://")
+        );
+        let c = parse(&["--auto-tls"]).expect("auto TLS");
+        assert!(c.client_tls.is_some() && c.upstream_tls.is_none());
     }
 }

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod namespace;
 pub mod registration;
 pub mod services;
+pub mod tls;
 pub mod upstream;
 pub mod watch;
 
@@ -118,12 +119,24 @@ fn grpc_router(proxy: &Arc<Proxy>) -> axum::Router {
 async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // Without TCP_NODELAY small HTTP/2 frames meet Nagle + delayed ACK (~40 ms per request).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    serve_on(listener, app, stop).await
+}
+
+async fn serve_on<L>(
+    listener: L,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -169,9 +182,16 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     tracing::info!(
         addr = %proxy.config.listen_addr,
         endpoints = ?proxy.config.endpoints,
+        tls = proxy.config.client_tls.is_some(),
         "serving client traffic (gRPC + HTTP)"
     );
-    servers.push(tokio::spawn(serve(listener, app, stop.clone())));
+    match proxy.config.client_tls.clone() {
+        Some(tls) => {
+            let listener = tls::TlsListener::new(listener, tls)?;
+            servers.push(tokio::spawn(serve_on(listener, app, stop.clone())));
+        }
+        None => servers.push(tokio::spawn(serve(listener, app, stop.clone()))),
+    }
     if let Some(addr) = proxy.config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, "serving metrics (HTTP)");

@@ -104,7 +104,15 @@ impl Upstream {
     pub fn new(config: &ValidConfig) -> anyhow::Result<Arc<Self>> {
         let mut members = Vec::new();
         for url in &config.endpoints {
-            let channel = Endpoint::from_shared(url.clone())?
+            let mut endpoint = Endpoint::from_shared(url.clone())?;
+            if url.starts_with("https://") {
+                let tls = config
+                    .upstream_tls
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("{url}: no TLS configuration"))?;
+                endpoint = endpoint.tls_config(tls)?;
+            }
+            let channel = endpoint
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(config.dial_keepalive_time)

@@ -6,6 +6,7 @@
 //!   faults: kill -9, SIGTERM, SIGSTOP/SIGCONT, restart on the same data dir.
 //! - [`proxy`]: starts `keyhold-proxy` in front of members; `KEYHOLD_TEST_TARGET=proxy` runs
 //!   the node suite through a proxy in front of each node.
+//! - [`certs`]: CA-signed test certificates (openssl CLI).
 //! - [`cluster`]: N members as one cluster; partitions through the nodes' test-only transport
 //!   fault switch.
 //! - [`history`]: recorded operations (invoke/return times, outcomes, unknown outcomes).
@@ -17,6 +18,7 @@
 //! The binaries are found next to the test executable's `target/<profile>` directory (or in
 //! `$KEYHOLD_BIN_DIR`); `scripts/test` builds them first.
 
+pub mod certs;
 pub mod cluster;
 pub mod history;
 pub mod lin;

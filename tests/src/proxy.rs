@@ -20,6 +20,9 @@ pub struct ProxyProcess {
     child: Option<Child>,
     /// Client address (gRPC + HTTP).
     pub client: SocketAddr,
+    /// Plain-HTTP address of `/health` and `/metrics`: the client address, or `--metrics-addr`
+    /// when given (a TLS proxy's client port speaks only TLS).
+    http: SocketAddr,
     endpoints: Vec<String>,
     extra_args: Vec<String>,
     dir: tempfile::TempDir,
@@ -32,18 +35,41 @@ impl ProxyProcess {
         Self::start_on(free_port(), endpoints, extra_args)
     }
 
+    /// Starts a proxy and waits only until it serves, not until it is healthy (for proxies that
+    /// cannot reach any member).
+    pub fn start_unhealthy(endpoints: &[String], extra_args: &[&str]) -> Self {
+        let mut p = Self::new(free_port(), endpoints, extra_args);
+        p.spawn_with(false);
+        p
+    }
+
     /// [`Self::start`] on a given client port.
     pub fn start_on(port: u16, endpoints: &[String], extra_args: &[&str]) -> Self {
-        let mut p = Self {
+        let mut p = Self::new(port, endpoints, extra_args);
+        p.spawn();
+        p
+    }
+
+    fn new(port: u16, endpoints: &[String], extra_args: &[&str]) -> Self {
+        let client = SocketAddr::from(([127, 0, 0, 1], port));
+        let http = extra_args
+            .iter()
+            .position(|a| *a == "--metrics-addr")
+            .and_then(|i| extra_args.get(i + 1))
+            .map(|url| {
+                let hostport = url.split_once("://").map_or(*url, |(_, rest)| rest);
+                hostport.parse().expect("--metrics-addr is http://ip:port")
+            })
+            .unwrap_or(client);
+        Self {
             child: None,
-            client: SocketAddr::from(([127, 0, 0, 1], port)),
+            client,
+            http,
             endpoints: endpoints.to_vec(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             dir: tempfile::tempdir().expect("tempdir"),
             starts: 0,
-        };
-        p.spawn();
-        p
+        }
     }
 
     /// `127.0.0.1:port`.
@@ -61,6 +87,10 @@ impl ProxyProcess {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(true);
+    }
+
+    fn spawn_with(&mut self, healthy: bool) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let child = Command::new(bin_dir().join("keyhold-proxy"))
@@ -84,7 +114,7 @@ impl ProxyProcess {
                 );
             }
             if self.log().contains("serving client traffic")
-                && let Ok((200, _)) = http_get(self.client, "/health")
+                && (!healthy || matches!(http_get(self.http, "/health"), Ok((200, _))))
             {
                 return;
             }
@@ -115,7 +145,7 @@ impl ProxyProcess {
     /// the proxy's failpoints build (`scripts/test` makes it).
     pub fn block(&self, urls: &[String]) {
         let path = format!("/debug/blocked-endpoints?urls={}", urls.join(","));
-        let (code, body) = http_request(self.client, "POST", &path).expect("blocked-endpoints");
+        let (code, body) = http_request(self.http, "POST", &path).expect("blocked-endpoints");
         assert_eq!(
             code, 200,
             "blocked-endpoints: {body} (is the failpoints feature on?)"
@@ -129,7 +159,7 @@ impl ProxyProcess {
 
     /// The value of the Prometheus metric line starting with `name` (first match).
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(self.client, "/metrics").ok()?;
+        let (_, body) = http_get(self.http, "/metrics").ok()?;
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .find(|l| l.starts_with(name))

@@ -8,6 +8,7 @@ mod keepalive;
 mod namespace;
 mod ordering;
 mod registration;
+mod tls;
 mod watch;
 
 use std::time::Duration;
