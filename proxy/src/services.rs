@@ -110,9 +110,37 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "keyhold-proxy".into())
 }
 
-/// Maintenance: relayed to the member the proxy currently uses.
+/// Maintenance: relayed to the member the proxy currently uses (the answer's header names it),
+/// except MoveLeader, which goes to the leader.
 pub struct MaintenanceService {
     pub upstream: Arc<Upstream>,
+}
+
+/// How long the leader search waits for each member's Status.
+const LEADER_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl MaintenanceService {
+    /// The channel of the member that reports itself as leader.
+    async fn leader(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+    ) -> Result<tonic::transport::Channel, tonic::Status> {
+        for channel in self.upstream.reachable_channels() {
+            let req = crate::upstream::forward(meta, pb::StatusRequest {});
+            let mut client = MaintenanceClient::new(channel.clone());
+            if let Ok(Ok(answer)) =
+                tokio::time::timeout(LEADER_STATUS_TIMEOUT, client.status(req)).await
+            {
+                let answer = answer.into_inner();
+                if answer.leader != 0
+                    && answer.header.as_ref().map(|h| h.member_id) == Some(answer.leader)
+                {
+                    return Ok(channel);
+                }
+            }
+        }
+        Err(tonic::Status::unavailable("etcdserver: no leader"))
+    }
 }
 
 #[tonic::async_trait]
@@ -152,13 +180,20 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         MaintenanceClient,
         Immutable
     );
-    unary!(
-        move_leader,
-        pb::MoveLeaderRequest,
-        pb::MoveLeaderResponse,
-        MaintenanceClient,
-        Mutable
-    );
+
+    /// MoveLeader goes to the leader, the only member that may hand leadership on (others
+    /// answer "not leader", as in etcd): the proxy finds it from its members' Status answers.
+    async fn move_leader(
+        &self,
+        request: tonic::Request<pb::MoveLeaderRequest>,
+    ) -> Result<tonic::Response<pb::MoveLeaderResponse>, tonic::Status> {
+        let (meta, _, message) = request.into_parts();
+        let leader = self.leader(&meta).await?;
+        let answer = MaintenanceClient::new(leader)
+            .move_leader(crate::upstream::forward(&meta, message))
+            .await?;
+        Ok(tonic::Response::new(answer.into_inner()))
+    }
     unary!(
         downgrade,
         pb::DowngradeRequest,

@@ -139,6 +139,15 @@ impl Upstream {
         &self.members
     }
 
+    /// Channels of the members not cut off by a test fault, in configuration order.
+    pub fn reachable_channels(&self) -> Vec<Channel> {
+        self.members
+            .iter()
+            .filter(|m| !m.blocked.load(Ordering::Relaxed))
+            .map(|m| m.channel.clone())
+            .collect()
+    }
+
     /// The preferred member's index and channel.
     pub fn pick(&self) -> (usize, Channel) {
         let mut i = self.preferred.load(Ordering::Relaxed) % self.members.len();

@@ -5,6 +5,7 @@
 mod cache;
 mod failover;
 mod keepalive;
+mod maintenance;
 mod namespace;
 mod ordering;
 mod registration;
