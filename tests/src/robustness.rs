@@ -326,6 +326,17 @@ async fn connect(endpoint: &str) -> Option<Client> {
     Client::connect([endpoint], Some(opts)).await.ok()
 }
 
+/// Connects `client` unless it is connected; false (after a short pause) when that failed.
+async fn ensure_connected(client: &mut Option<Client>, endpoint: &str) -> bool {
+    if client.is_none() {
+        *client = connect(endpoint).await;
+        if client.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    client.is_some()
+}
+
 async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until: Instant) {
     let mut rng = Rng::new(seed);
     let mut client = None;
@@ -334,12 +345,8 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
     // Leases this client granted (some may be revoked: using them tests "lease not found").
     let mut leases: Vec<i64> = Vec::new();
     while Instant::now() < until {
-        if client.is_none() {
-            client = connect(&endpoint).await;
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        if !ensure_connected(&mut client, &endpoint).await {
+            continue;
         }
         let k = rng.below(u64::from(KEY_COUNT)) as u8;
         counter += 1;
@@ -433,12 +440,8 @@ async fn run_lease_client(
     let mut client = None;
     let mut counter = 0u64;
     while Instant::now() < until {
-        if client.is_none() {
-            client = connect(&endpoint).await;
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        if !ensure_connected(&mut client, &endpoint).await {
+            continue;
         }
         counter += 1;
         let lease = ((id as i64 + 1) << 40) | counter as i64;
@@ -458,16 +461,12 @@ async fn run_lease_client(
         for &k in &EXPIRY_KEYS[..attached] {
             counter += 1;
             let value = ((id as u64 + 1) << 32) | counter;
-            if client.is_none() {
-                client = connect(&endpoint).await;
-            }
+            ensure_connected(&mut client, &endpoint).await;
             perform(&mut client, &rec, id, Input::PutWithLease(k, value, lease)).await;
         }
         for _ in 0..rng.below(4) {
             tokio::time::sleep(SHORT_LEASE_KEEPALIVE).await;
-            if client.is_none() {
-                client = connect(&endpoint).await;
-            }
+            ensure_connected(&mut client, &endpoint).await;
             if let Some(c) = client.as_mut() {
                 match keep_alive_once(c, &rec, id, lease).await {
                     Ok(Some(bound)) => earliest = earliest.max(bound),
@@ -488,9 +487,7 @@ async fn run_lease_client(
             Instant::now() + Duration::from_secs(SHORT_LEASE_TTL_SECONDS as u64) + EXPIRY_GRACE;
         let mut gone = false;
         while !gone && Instant::now() < deadline {
-            if client.is_none() {
-                client = connect(&endpoint).await;
-            }
+            ensure_connected(&mut client, &endpoint).await;
             let mut present = false;
             for &k in &EXPIRY_KEYS[..attached] {
                 match perform(&mut client, &rec, id, Input::Get(k)).await {
