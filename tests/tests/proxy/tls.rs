@@ -145,3 +145,44 @@ async fn mutual_tls_to_clients_and_to_members() {
     let (code, _) = keyhold_tests::grpc_status(w.get("k", None).await);
     assert_eq!(code, tonic::Code::Unavailable);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tls_serves_clients_that_skip_verification() {
+    let node = NodeProcess::start();
+    let metrics = format!("http://127.0.0.1:{}", free_port());
+    let proxy = ProxyProcess::start(
+        &[node.client.to_string()],
+        &["--auto-tls", "--metrics-addr", &metrics],
+    );
+    let url = format!("https://{}", proxy.endpoint());
+    let skip = [
+        "--insecure-transport=false",
+        "--insecure-skip-tls-verify=true",
+    ];
+    let put = etcdctl(&url, &[&skip[..], &["put", "k", "auto"]].concat());
+    assert!(
+        put.status.success(),
+        "put over auto TLS: {}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let get = etcdctl(
+        &url,
+        &[&skip[..], &["get", "k", "--print-value-only"]].concat(),
+    );
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "auto");
+    // A client that verifies cannot: the certificate is self-signed.
+    let verifying = etcdctl(
+        &url,
+        &[
+            "--insecure-transport=false",
+            "--dial-timeout=2s",
+            "--command-timeout=3s",
+            "get",
+            "k",
+        ],
+    );
+    assert!(
+        !verifying.status.success(),
+        "a self-signed certificate was trusted"
+    );
+}
