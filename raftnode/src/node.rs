@@ -926,7 +926,7 @@ async fn lessor_driver(node: Arc<Node>) {
                 } else if !l.is_primary() {
                     l.promote(now, extend)
                 }
-                l.ids().len()
+                l.count()
             });
             if leader {
                 tracing::info!(leases, "lessor promoted: expiring leases from now on");

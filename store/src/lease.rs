@@ -87,6 +87,11 @@ impl Lessor {
         self.leases.get(&id)
     }
 
+    /// Number of leases.
+    pub fn count(&self) -> usize {
+        self.leases.len()
+    }
+
     /// All lease IDs, ascending.
     pub fn ids(&self) -> Vec<i64> {
         self.leases.keys().copied().collect()
