@@ -14,6 +14,9 @@ pub type Key = u8;
 pub enum Input {
     /// Linearizable get of one key.
     Get(Key),
+    /// Serializable get of one key: not linearizable by design, so checked apart from the
+    /// linearizability search (the answer must be the key's state at the answer's revision).
+    SerializableGet(Key),
     /// Put of a unique value.
     Put(Key, u64),
     /// Delete of one key.
@@ -83,13 +86,20 @@ pub struct Op {
     pub output: Output,
 }
 
+impl Input {
+    /// Whether the request only reads (a failed read changed nothing and is not recorded).
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Input::Get(_) | Input::SerializableGet(_) | Input::CountAll | Input::LeaseKeepAlive(_)
+        )
+    }
+}
+
 impl Op {
     /// Whether the request can change state.
     pub fn is_write(&self) -> bool {
-        !matches!(
-            self.input,
-            Input::Get(_) | Input::CountAll | Input::LeaseKeepAlive(_)
-        )
+        !self.input.is_read()
     }
 }
 

@@ -64,6 +64,8 @@ impl KvState {
     pub fn step(&self, input: &Input, output: &Output) -> Option<KvState> {
         let mut next = self.clone();
         let expected = match input {
+            // Checked apart (`robustness::serializable_violations`); never in a linearization.
+            Input::SerializableGet(_) => return None,
             Input::Get(k) => {
                 let e = self.keys.get(k);
                 Output::Get {

@@ -191,6 +191,10 @@ pub struct Report {
     pub lease_violations: Vec<String>,
     /// Lease expiries pinned to the revision that deleted their keys (lease-expiry scenario).
     pub lease_expiries: usize,
+    /// Serializable reads checked against the persisted history.
+    pub serializable_reads: usize,
+    /// Serializable reads whose answer was not the key's state at the answer's revision.
+    pub serializable_violations: Vec<String>,
     /// For a violation: the smallest failing sub-history found.
     pub failing_history: Vec<Op>,
     /// Time the linearizability check took.
@@ -206,13 +210,14 @@ impl Report {
             && self.watch_violations.is_empty()
             && self.lost_writes.is_empty()
             && self.lease_violations.is_empty()
+            && self.serializable_violations.is_empty()
             && self.fault_errors.is_empty()
     }
 
     /// A human-readable summary (printed on failure with the reproducer command).
     pub fn summary(&self, cfg: &RunConfig) -> String {
         let mut s = format!(
-            "scenario={} members={} proxies={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} lease_expiries={} lease_violations={} check_ms={}\n",
+            "scenario={} members={} proxies={} seed={} ops={} unknown_writes={} watch_events={} linearizable={} watch_violations={} lost_writes={} lease_expiries={} lease_violations={} serializable_reads={} serializable_violations={} check_ms={}\n",
             cfg.fault.name(),
             cfg.members,
             cfg.proxies,
@@ -230,6 +235,8 @@ impl Report {
             self.lost_writes.len(),
             self.lease_expiries,
             self.lease_violations.len(),
+            self.serializable_reads,
+            self.serializable_violations.len(),
             self.check_ms,
         );
         s += &format!(
@@ -259,6 +266,9 @@ impl Report {
         }
         for l in self.lease_violations.iter().take(20) {
             s += &format!("  lease: {l}\n");
+        }
+        for v in self.serializable_violations.iter().take(20) {
+            s += &format!("  serializable: {v}\n");
         }
         if !self.failing_history.is_empty() {
             s += "  smallest failing history (last 30 ops):\n";
@@ -353,7 +363,8 @@ async fn run_client(id: usize, endpoint: String, seed: u64, rec: Recorder, until
         let value = ((id as u64 + 1) << 32) | counter;
         let lease = (!leases.is_empty()).then(|| leases[rng.below(leases.len() as u64) as usize]);
         let input = match (rng.below(100), lease) {
-            (0..=26, _) => Input::Get(k),
+            (0..=19, _) => Input::Get(k),
+            (20..=26, _) => Input::SerializableGet(k),
             (27..=51, _) => Input::Put(k, value),
             (52..=59, _) => Input::Delete(k),
             (60..=71, _) => Input::CompareAndPut {
@@ -404,7 +415,7 @@ async fn perform(
         }
         Ok(Err(e)) if never_sent(&e) => *client = None,
         failed => {
-            if !matches!(input, Input::Get(_) | Input::CountAll) {
+            if !input.is_read() {
                 rec.record(Op {
                     client: id,
                     call,
@@ -596,8 +607,10 @@ async fn execute(c: &mut Client, input: &Input) -> Result<Output, etcd_client::E
             Err(e) if lease_not_found(&e) => Output::LeaseNotFound,
             Err(e) => return Err(e),
         },
-        Input::Get(k) => {
-            let r = c.get(key(*k), None).await?;
+        Input::Get(k) | Input::SerializableGet(k) => {
+            let opts = matches!(input, Input::SerializableGet(_))
+                .then(|| GetOptions::new().with_serializable());
+            let r = c.get(key(*k), opts).await?;
             let kv = r.kvs().first();
             Output::Get {
                 value: kv.map(|kv| parse_value(kv.value())),
@@ -1277,7 +1290,12 @@ pub async fn run(cfg: &RunConfig) -> Report {
         .count();
     // (Appended: the convergence and replica comparisons above are findings too.)
     report.lost_writes.extend(lost_writes(&ops, &truth));
-    report.ops = ops.len();
+    let (serializable, ops): (Vec<Op>, Vec<Op>) = ops
+        .into_iter()
+        .partition(|o| matches!(o.input, Input::SerializableGet(_)));
+    report.serializable_reads = serializable.len();
+    report.serializable_violations = serializable_violations(&serializable, &truth);
+    report.ops = ops.len() + serializable.len();
     let checking = Instant::now();
     let budget = cfg.duration.max(CHECK_BUDGET_MIN);
     let verdict = tokio::task::block_in_place(|| lin::check(&ops, budget));
@@ -1285,6 +1303,18 @@ pub async fn run(cfg: &RunConfig) -> Report {
     if matches!(verdict, Verdict::Violation { .. }) {
         report.failing_history =
             tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, budget));
+        // Debugging aid: the whole history and ground truth, for a violation that the
+        // smallest failing prefix alone does not explain.
+        if let Some(dir) = std::env::var_os("KEYHOLD_TEST_DUMP_DIR") {
+            let dir = std::path::Path::new(&dir).join(format!("seed-{}", cfg.seed));
+            let _ = std::fs::create_dir_all(&dir);
+            let mut sorted = ops.clone();
+            sorted.sort_by_key(|o| o.call);
+            let history: String = sorted.iter().map(|o| format!("{o:?}\n")).collect();
+            let _ = std::fs::write(dir.join("history.txt"), history);
+            let _ = std::fs::write(dir.join("truth.jsonl"), &dumps[0]);
+            let _ = std::fs::write(dir.join("timeline.txt"), report.timeline.join("\n"));
+        }
     }
     report.linearizable = Some(verdict);
     let logs = watch_set
@@ -1397,24 +1427,50 @@ fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
 /// never ran, or found no key) and is dropped; exactly one for exactly one unknown delete of
 /// that key means it ran at that revision. Anything else stays unknown for the checker.
 fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
     if truth.compact_revision > 0 {
         return; // tombstones below the compact revision are gone: no conclusion possible
     }
-    let explained: BTreeSet<i64> = ops
+    // A delete that removed a key answers the revision of its own tombstone. A revoke answers
+    // the store's revision after it even when it deleted nothing, so its revision explains a
+    // tombstone only of a key attached to that lease (the put before the tombstone says).
+    let deleted_at: BTreeSet<i64> = ops
         .iter()
         .filter(|o| o.ret.is_some())
         .filter_map(|o| match o.output {
             Output::Delete { deleted, revision } if deleted > 0 => Some(revision),
-            Output::Lease { revision } if matches!(o.input, Input::LeaseRevoke(_)) => {
-                Some(revision)
-            }
             _ => None,
         })
         .collect();
+    let revoked_at: HashMap<i64, i64> = ops
+        .iter()
+        .filter(|o| o.ret.is_some())
+        .filter_map(|o| match (&o.input, &o.output) {
+            (Input::LeaseRevoke(l), Output::Lease { revision }) => Some((*revision, *l)),
+            _ => None,
+        })
+        .collect();
+    let lease_of: HashMap<u64, i64> = ops
+        .iter()
+        .filter_map(|o| match o.input {
+            Input::PutWithLease(_, v, l) => Some((v, l)),
+            _ => None,
+        })
+        .collect();
+    let mut last_put: BTreeMap<&[u8], u64> = BTreeMap::new();
     let mut unexplained: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
-    for e in truth.events.iter().filter(|e| !e.put) {
-        if !explained.contains(&e.revision) {
+    for e in &truth.events {
+        if e.put {
+            last_put.insert(&e.key, parse_value(&e.value));
+            continue;
+        }
+        let owner = last_put
+            .remove(e.key.as_slice())
+            .and_then(|v| lease_of.get(&v));
+        let by_revoke = revoked_at
+            .get(&e.revision)
+            .is_some_and(|l| Some(l) == owner);
+        if !deleted_at.contains(&e.revision) && !by_revoke {
             unexplained
                 .entry(e.key.clone())
                 .or_default()
@@ -1446,6 +1502,55 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
             _ => true,
         }
     });
+}
+
+/// Serializable reads whose answer is not the key's state at the revision the answer carries,
+/// per the persisted history (a serializable read may be stale, never inconsistent, and never
+/// from a revision that was not committed). Reads at or below the compact revision are not
+/// judged: that history is gone by design.
+fn serializable_violations(reads: &[Op], truth: &Truth) -> Vec<String> {
+    let head = truth.events.last().map_or(1, |e| e.revision);
+    let mut found = Vec::new();
+    for op in reads {
+        let (
+            Input::SerializableGet(k),
+            Output::Get {
+                value,
+                mod_revision,
+                revision,
+            },
+        ) = (&op.input, &op.output)
+        else {
+            continue;
+        };
+        if *revision > head {
+            found.push(format!(
+                "get {} answered at revision {revision}, past the last committed {head}",
+                key(*k)
+            ));
+            continue;
+        }
+        if *revision <= truth.compact_revision {
+            continue;
+        }
+        let name = key(*k);
+        let last = truth
+            .events
+            .iter()
+            .rev()
+            .find(|e| e.revision <= *revision && e.key == name.as_bytes());
+        let expected = match last {
+            Some(e) if e.put => (Some(parse_value(&e.value)), e.revision),
+            _ => (None, 0),
+        };
+        if (*value, *mod_revision) != expected {
+            found.push(format!(
+                "get {name} at revision {revision} answered {value:?} (mod {mod_revision}); the history holds {:?} (mod {})",
+                expected.0, expected.1
+            ));
+        }
+    }
+    found
 }
 
 /// Acknowledged puts whose value is not in the persisted history at their revision (history
@@ -1482,4 +1587,123 @@ fn lost_writes(ops: &[Op], truth: &Truth) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch_check::TruthEvent;
+
+    fn event(revision: i64, k: u8, value: Option<u64>) -> TruthEvent {
+        TruthEvent {
+            revision,
+            key: key(k).into_bytes(),
+            put: value.is_some(),
+            value: value
+                .map(|v| v.to_string().into_bytes())
+                .unwrap_or_default(),
+            create_revision: 0,
+        }
+    }
+
+    fn read(k: u8, value: Option<u64>, mod_revision: i64, revision: i64) -> Op {
+        Op {
+            client: 0,
+            call: 0,
+            ret: Some(1),
+            input: Input::SerializableGet(k),
+            output: Output::Get {
+                value,
+                mod_revision,
+                revision,
+            },
+        }
+    }
+
+    #[test]
+    fn serializable_reads_must_match_the_history_at_their_revision() {
+        let truth = Truth {
+            events: vec![
+                event(2, 1, Some(10)),
+                event(3, 1, Some(11)),
+                event(4, 1, None),
+            ],
+            compact_revision: 0,
+        };
+        let consistent = [
+            read(1, Some(10), 2, 2),
+            read(1, Some(11), 3, 3),
+            read(1, None, 0, 4),
+            read(2, None, 0, 3),
+        ];
+        assert!(serializable_violations(&consistent, &truth).is_empty());
+        let stale_at_its_revision = read(1, Some(10), 2, 3);
+        let from_the_future = read(1, None, 0, 5);
+        let deleted_too_early = read(1, None, 0, 3);
+        for bad in [stale_at_its_revision, from_the_future, deleted_too_early] {
+            assert_eq!(
+                serializable_violations(std::slice::from_ref(&bad), &truth).len(),
+                1,
+                "{bad:?} passed"
+            );
+        }
+    }
+
+    /// A revoke that deleted nothing answers the revision an unknown delete just made: that
+    /// revision does not explain the delete's tombstone, the delete does.
+    #[test]
+    fn a_revoke_of_an_empty_lease_does_not_explain_another_keys_tombstone() {
+        let lease = 1 << 40;
+        let op = |call: u64, ret: Option<u64>, input: Input, output: Output| Op {
+            client: 0,
+            call,
+            ret,
+            input,
+            output,
+        };
+        let mut ops = vec![
+            op(0, Some(1), Input::Put(7, 10), Output::Put { revision: 2 }),
+            op(
+                2,
+                Some(3),
+                Input::LeaseGrant(lease, 3600),
+                Output::Lease { revision: 2 },
+            ),
+            op(4, None, Input::Delete(7), Output::Unknown),
+            op(
+                5,
+                Some(6),
+                Input::LeaseRevoke(lease),
+                Output::Lease { revision: 3 },
+            ),
+            op(
+                7,
+                Some(8),
+                Input::Get(7),
+                Output::Get {
+                    value: None,
+                    mod_revision: 0,
+                    revision: 3,
+                },
+            ),
+        ];
+        let truth = Truth {
+            events: vec![event(2, 7, Some(10)), event(3, 7, None)],
+            compact_revision: 0,
+        };
+        patch_unknown_writes(&mut ops, &truth);
+        assert!(
+            ops.iter().any(|o| o.input == Input::Delete(7)
+                && o.output
+                    == Output::Delete {
+                        deleted: 1,
+                        revision: 3
+                    }),
+            "the unknown delete is pinned to its tombstone: {ops:?}"
+        );
+        assert_eq!(
+            lin::check(&ops, Duration::from_secs(5)),
+            Verdict::Linearizable
+        );
+    }
 }
