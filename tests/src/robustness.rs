@@ -1377,12 +1377,14 @@ fn patch_unknown_writes(ops: &mut Vec<Op>, truth: &Truth) {
     });
 }
 
-/// Pins each lease expiry to the revision at which the persisted history deleted its keys (the
-/// lease-expiry client's keys are written by nobody else, so the put a tombstone follows names
-/// the lease). Keys deleted at more than one revision are a violation: an expiry is one revoke.
-/// An expiry with no tombstone (no key left on its lease) stays unknown for the checker.
-fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
-    use std::collections::{BTreeMap, BTreeSet, HashMap};
+/// Every tombstone of the persisted history, with the lease its key was attached to when it was
+/// deleted: the put before the tombstone wrote a unique value, and the op that wrote it names
+/// the lease.
+fn tombstones_with_leases<'t>(
+    ops: &[Op],
+    truth: &'t Truth,
+) -> Vec<(&'t watch_check::TruthEvent, Option<i64>)> {
+    use std::collections::{BTreeMap, HashMap};
     let lease_of: HashMap<u64, i64> = ops
         .iter()
         .filter_map(|o| match o.input {
@@ -1390,17 +1392,31 @@ fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
             _ => None,
         })
         .collect();
-    let expiry_keys: BTreeSet<Vec<u8>> = EXPIRY_KEYS.iter().map(|k| key(*k).into_bytes()).collect();
     let mut last_put: BTreeMap<&[u8], u64> = BTreeMap::new();
-    let mut deleted_at: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
-    for e in truth.events.iter().filter(|e| expiry_keys.contains(&e.key)) {
+    let mut found = Vec::new();
+    for e in &truth.events {
         if e.put {
             last_put.insert(&e.key, parse_value(&e.value));
-        } else if let Some(lease) = last_put
-            .remove(e.key.as_slice())
-            .and_then(|v| lease_of.get(&v))
-        {
-            deleted_at.entry(*lease).or_default().insert(e.revision);
+        } else {
+            let lease = last_put
+                .remove(e.key.as_slice())
+                .and_then(|v| lease_of.get(&v).copied());
+            found.push((e, lease));
+        }
+    }
+    found
+}
+
+/// Pins each lease expiry to the revision at which the persisted history deleted its keys (the
+/// lease-expiry client's keys are written by nobody else, so the put a tombstone follows names
+/// the lease). Keys deleted at more than one revision are a violation: an expiry is one revoke.
+/// An expiry with no tombstone (no key left on its lease) stays unknown for the checker.
+fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut deleted_at: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    for (e, lease) in tombstones_with_leases(ops, truth) {
+        if let Some(lease) = lease {
+            deleted_at.entry(lease).or_default().insert(e.revision);
         }
     }
     let mut violations = Vec::new();
@@ -1450,26 +1466,11 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
             _ => None,
         })
         .collect();
-    let lease_of: HashMap<u64, i64> = ops
-        .iter()
-        .filter_map(|o| match o.input {
-            Input::PutWithLease(_, v, l) => Some((v, l)),
-            _ => None,
-        })
-        .collect();
-    let mut last_put: BTreeMap<&[u8], u64> = BTreeMap::new();
     let mut unexplained: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
-    for e in &truth.events {
-        if e.put {
-            last_put.insert(&e.key, parse_value(&e.value));
-            continue;
-        }
-        let owner = last_put
-            .remove(e.key.as_slice())
-            .and_then(|v| lease_of.get(&v));
+    for (e, lease) in tombstones_with_leases(ops, truth) {
         let by_revoke = revoked_at
             .get(&e.revision)
-            .is_some_and(|l| Some(l) == owner);
+            .is_some_and(|l| Some(*l) == lease);
         if !deleted_at.contains(&e.revision) && !by_revoke {
             unexplained
                 .entry(e.key.clone())
