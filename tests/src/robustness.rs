@@ -467,7 +467,7 @@ async fn run_lease_client(
         else {
             continue; // not granted, or unknown: a lease without keys expires unseen
         };
-        let mut earliest = call + SHORT_LEASE_TTL_SECONDS as u64 * 1_000_000_000;
+        let mut earliest = call + secs_to_ns(SHORT_LEASE_TTL_SECONDS);
         let attached = 1 + rng.below(EXPIRY_KEYS.len() as u64) as usize;
         for &k in &EXPIRY_KEYS[..attached] {
             counter += 1;
@@ -516,11 +516,16 @@ async fn run_lease_client(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(format!(
-                    "lease {lease:#x}: its keys still there {}s after its last keepalive's TTL ran out",
-                    (SHORT_LEASE_TTL_SECONDS as u64) + EXPIRY_GRACE.as_secs()
+                    "lease {lease:#x}: its keys still there {}s after its TTL ran out",
+                    EXPIRY_GRACE.as_secs()
                 ));
         }
     }
+}
+
+/// Whole seconds (a TTL) in the recorder's nanoseconds.
+fn secs_to_ns(seconds: i64) -> u64 {
+    Duration::from_secs(seconds.max(0) as u64).as_nanos() as u64
 }
 
 /// One keepalive that reports its TTL, recorded as a `LeaseKeepAlive` read. etcd-client
@@ -546,9 +551,7 @@ async fn keep_alive_once(
         keeper.keep_alive().await?;
         let ttl = answers.message().await?.map_or(0, |a| a.ttl());
         // A second answer of TTL 0 means it expired between the two: it was alive at the first.
-        Ok(Some(
-            (ttl > 0).then_some(second + ttl as u64 * 1_000_000_000),
-        ))
+        Ok(Some((ttl > 0).then_some(second + secs_to_ns(ttl))))
     })
     .await;
     let ret = rec.now();
@@ -1439,7 +1442,7 @@ fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
 }
 
 /// Unknown deletes resolved from the persisted history: tombstones of a key that no
-/// acknowledged delete or revoke explains. None means the unknown delete changed nothing (it
+/// acknowledged delete explains, nor an acknowledged revoke of the lease the key was attached to. None means the unknown delete changed nothing (it
 /// never ran, or found no key) and is dropped; exactly one for exactly one unknown delete of
 /// that key means it ran at that revision. Anything else stays unknown for the checker.
 fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
@@ -1510,7 +1513,14 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
 /// from a revision that was not committed). Reads at or below the compact revision are not
 /// judged: that history is gone by design.
 fn serializable_violations(reads: &[Op], truth: &Truth) -> Vec<String> {
+    use std::collections::BTreeMap;
     let head = truth.events.last().map_or(1, |e| e.revision);
+    // Per key, its changes in revision order: (revision, value; `None` for a tombstone).
+    let mut changes: BTreeMap<&[u8], Vec<(i64, Option<u64>)>> = BTreeMap::new();
+    for e in &truth.events {
+        let value = e.put.then(|| parse_value(&e.value));
+        changes.entry(&e.key).or_default().push((e.revision, value));
+    }
     let mut found = Vec::new();
     for op in reads {
         let (
@@ -1524,24 +1534,20 @@ fn serializable_violations(reads: &[Op], truth: &Truth) -> Vec<String> {
         else {
             continue;
         };
+        let name = key(*k);
         if *revision > head {
             found.push(format!(
-                "get {} answered at revision {revision}, past the last committed {head}",
-                key(*k)
+                "get {name} answered at revision {revision}, past the last committed {head}"
             ));
             continue;
         }
         if *revision <= truth.compact_revision {
             continue;
         }
-        let name = key(*k);
-        let last = truth
-            .events
-            .iter()
-            .rev()
-            .find(|e| e.revision <= *revision && e.key == name.as_bytes());
-        let expected = match last {
-            Some(e) if e.put => (Some(parse_value(&e.value)), e.revision),
+        let history = changes.get(name.as_bytes()).map_or(&[][..], Vec::as_slice);
+        let before = history.partition_point(|(r, _)| r <= revision);
+        let expected = match before.checked_sub(1).map(|i| history[i]) {
+            Some((r, Some(v))) => (Some(v), r),
             _ => (None, 0),
         };
         if (*value, *mod_revision) != expected {
