@@ -1410,6 +1410,36 @@ fn tombstones_with_leases<'t>(
     found
 }
 
+/// For a time, the highest revision any answer returned strictly before it carried: a write
+/// called at that time can only have made a later revision.
+fn revisions_seen_before(ops: &[Op]) -> impl Fn(u64) -> i64 + use<> {
+    let mut returned: Vec<(u64, i64)> = ops
+        .iter()
+        .filter_map(|o| {
+            let revision = match o.output {
+                Output::Get { revision, .. }
+                | Output::Put { revision }
+                | Output::Delete { revision, .. }
+                | Output::CompareAndPut { revision, .. }
+                | Output::CountAll { revision, .. }
+                | Output::Lease { revision } => revision,
+                Output::LeaseNotFound | Output::KeepAlive { .. } | Output::Unknown => return None,
+            };
+            Some((o.ret?, revision))
+        })
+        .collect();
+    returned.sort_unstable();
+    let mut highest = 0;
+    for r in &mut returned {
+        highest = highest.max(r.1);
+        r.1 = highest;
+    }
+    move |at| {
+        let n = returned.partition_point(|(ret, _)| *ret < at);
+        n.checked_sub(1).map_or(0, |i| returned[i].1)
+    }
+}
+
 /// Pins each lease expiry to the revision at which the persisted history deleted its keys (the
 /// lease-expiry client's keys are written by nobody else, so the put a tombstone follows names
 /// the lease). Keys deleted at more than one revision are a violation: an expiry is one revoke.
@@ -1446,7 +1476,7 @@ fn patch_lease_expiries(ops: &mut [Op], truth: &Truth) -> Vec<String> {
 /// never ran, or found no key) and is dropped; exactly one for exactly one unknown delete of
 /// that key means it ran at that revision. Anything else stays unknown for the checker.
 fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
-    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::collections::{BTreeMap, BTreeSet};
     if truth.compact_revision > 0 {
         return; // tombstones below the compact revision are gone: no conclusion possible
     }
@@ -1461,7 +1491,8 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
             _ => None,
         })
         .collect();
-    let revoked_at: HashMap<i64, i64> = ops
+    // (revision, lease): several revokes may answer the same revision.
+    let revoked_at: BTreeSet<(i64, i64)> = ops
         .iter()
         .filter(|o| o.ret.is_some())
         .filter_map(|o| match (&o.input, &o.output) {
@@ -1471,9 +1502,7 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
         .collect();
     let mut unexplained: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
     for (e, lease) in tombstones_with_leases(ops, truth) {
-        let by_revoke = revoked_at
-            .get(&e.revision)
-            .is_some_and(|l| Some(*l) == lease);
+        let by_revoke = lease.is_some_and(|l| revoked_at.contains(&(e.revision, l)));
         if !deleted_at.contains(&e.revision) && !by_revoke {
             unexplained
                 .entry(e.key.clone())
@@ -1487,6 +1516,7 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
             *unknown_per_key.entry(k).or_default() += 1;
         }
     }
+    let seen_before = revisions_seen_before(ops);
     ops.retain_mut(|op| {
         let Input::Delete(k) = op.input else {
             return true;
@@ -1496,7 +1526,10 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
         }
         match unexplained.get(key(k).as_bytes()).map(Vec::as_slice) {
             None | Some([]) => false,
-            Some([revision]) if unknown_per_key.get(&k) == Some(&1) => {
+            // Only a tombstone newer than every revision answered before the call can be its.
+            Some([revision])
+                if unknown_per_key.get(&k) == Some(&1) && *revision > seen_before(op.call) =>
+            {
                 op.output = Output::Delete {
                     deleted: 1,
                     revision: *revision,
@@ -1707,6 +1740,76 @@ mod tests {
                         revision: 3
                     }),
             "the unknown delete is pinned to its tombstone: {ops:?}"
+        );
+        assert_eq!(
+            lin::check(&ops, Duration::from_secs(5)),
+            Verdict::Linearizable
+        );
+    }
+
+    /// Two revokes may answer the same revision (the second deleted nothing): the tombstone is
+    /// still the first one's, and an unknown delete called later is not pinned to it.
+    #[test]
+    fn revokes_sharing_a_revision_still_explain_their_own_tombstones() {
+        let (l1, l2) = (1 << 40, (1 << 40) + 1);
+        let op = |call: u64, ret: Option<u64>, input: Input, output: Output| Op {
+            client: 0,
+            call,
+            ret,
+            input,
+            output,
+        };
+        let mut ops = vec![
+            op(
+                0,
+                Some(1),
+                Input::LeaseGrant(l1, 3600),
+                Output::Lease { revision: 1 },
+            ),
+            op(
+                2,
+                Some(3),
+                Input::LeaseGrant(l2, 3600),
+                Output::Lease { revision: 1 },
+            ),
+            op(
+                4,
+                Some(5),
+                Input::PutWithLease(8, 10, l1),
+                Output::Put { revision: 2 },
+            ),
+            op(
+                6,
+                Some(7),
+                Input::LeaseRevoke(l1),
+                Output::Lease { revision: 3 },
+            ),
+            op(
+                8,
+                Some(9),
+                Input::LeaseRevoke(l2),
+                Output::Lease { revision: 3 },
+            ),
+            op(10, None, Input::Delete(8), Output::Unknown),
+            op(
+                11,
+                Some(12),
+                Input::Get(8),
+                Output::Get {
+                    value: None,
+                    mod_revision: 0,
+                    revision: 3,
+                },
+            ),
+        ];
+        let truth = Truth {
+            events: vec![event(2, 8, Some(10)), event(3, 8, None)],
+            compact_revision: 0,
+        };
+        patch_unknown_writes(&mut ops, &truth);
+        assert!(
+            !ops.iter().any(|o| o.input == Input::Delete(8)),
+            "the delete found nothing to delete and is dropped: {ops:?}"
         );
         assert_eq!(
             lin::check(&ops, Duration::from_secs(5)),
