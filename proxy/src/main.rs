@@ -3,6 +3,11 @@
 use clap::Parser;
 use keyhold_proxy::config::Config;
 
+/// glibc's malloc cost a loaded member about a tenth of its CPU (many threads, many small
+/// short-lived buffers in h2, prost and quinn).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let config = match Config::parse().validate() {
         Ok(c) => c,
