@@ -622,6 +622,24 @@ impl Node {
     pub fn blocking<T>(&self, f: impl FnOnce(&KvStore) -> T) -> T {
         blocking(|| f(&self.store))
     }
+
+    /// Reads a range from the store. A single-key read is one memtable or block-cache lookup,
+    /// cheaper than handing this worker's core to another thread (`block_in_place` cost a
+    /// loaded member more CPU than the reads themselves), so it runs inline; scans run as
+    /// blocking work.
+    ///
+    /// # Errors
+    /// The store's range errors (compacted, future revision, storage).
+    pub fn range(
+        &self,
+        r: &keyhold_store::RangeRequest,
+    ) -> keyhold_store::Result<keyhold_store::RangeResponse> {
+        if r.range_end.is_empty() {
+            self.store.range(r)
+        } else {
+            self.blocking(|s| s.range(r))
+        }
+    }
 }
 
 /// Opens the data dir, starts raft, serves clients until `shutdown` resolves, then stops in

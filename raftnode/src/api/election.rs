@@ -49,7 +49,7 @@ fn leader_of(node: &Node, name: &[u8]) -> Result<(Option<st::KeyValue>, i64), St
         limit: 1,
         ..Default::default()
     };
-    let resp = node.blocking(|s| s.range(&req)).map_err(store_err)?;
+    let resp = node.range(&req).map_err(store_err)?;
     Ok((resp.kvs.into_iter().next(), resp.revision))
 }
 

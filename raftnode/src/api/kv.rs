@@ -44,7 +44,7 @@ impl Kv for KvService {
         if crate::failpoints::enabled("stale-read") && !serializable && r.revision == 0 {
             r.revision = (self.node.store.current_revision().unwrap_or(1) - 1).max(1);
         }
-        let resp = self.node.blocking(|s| s.range(&r)).map_err(store_err)?;
+        let resp = self.node.range(&r).map_err(store_err)?;
         let h = header(&self.node, resp.revision);
         Ok(Response::new(range_to_pb(resp, h)))
     }
@@ -188,7 +188,7 @@ async fn stream_range(
             limit: want,
             ..r.clone()
         };
-        let resp = node.blocking(|s| s.range(&page)).map_err(store_err)?;
+        let resp = node.range(&page).map_err(store_err)?;
         let (revision, count) = *pinned.get_or_insert((resp.revision, resp.count));
         r.revision = revision;
         let n = resp.kvs.len() as i64;

@@ -78,7 +78,7 @@ pub(crate) async fn wait_for_turn(
             limit: 1,
             ..Default::default()
         };
-        let resp = node.blocking(|s| s.range(&req)).map_err(store_err)?;
+        let resp = node.range(&req).map_err(store_err)?;
         let Some(ahead) = resp.kvs.into_iter().next() else {
             return Ok(resp.revision);
         };
