@@ -12,8 +12,9 @@
 //!   log id) that are written in the same batch as the data they cover.
 //!
 //! Readers use a fjall snapshot, so a range sees one revision even while writes are applied. The
-//! single writer is [`KvStore::apply`]; each call commits exactly one fjall batch (plus, for a
-//! compaction, bounded follow-up batches that are resumed after a crash).
+//! single writer is a [`WriteBatch`] (or [`KvStore::apply`], a batch of one): each commits
+//! exactly one fjall batch however many revisions it holds (plus, for a compaction, bounded
+//! follow-up batches that are resumed after a crash).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -463,26 +464,30 @@ impl KvStore {
     /// Domain errors leave the store unchanged (the meta entries are still written, so the raft
     /// layer's applied id advances); `Storage` means the node must stop.
     pub fn apply(&self, req: &WriteRequest, ctx: ApplyContext<'_>) -> Result<WriteResponse> {
-        let _w = lock(&self.writer);
-        let current = self.current_revision()?;
-        let mut txn = WriteTxn::new(self, current, ctx.now_ms);
-        let result = txn.run(req);
-        let (resp, txn) = match result {
-            Ok(resp) => (Ok(resp), txn),
-            Err(e) => (Err(e), WriteTxn::new(self, current, ctx.now_ms)),
-        };
-        let compact_to = match (&resp, req) {
-            (Ok(_), WriteRequest::Compact { revision }) => Some(*revision),
-            _ => None,
-        };
-        let events = txn.commit(ctx.meta)?;
-        if let Some((rev, events)) = events {
-            lock(&self.hub).notify(rev, &events);
+        let mut batch = self.write_batch(ctx.now_ms)?;
+        let resp = batch.apply(req);
+        if let Err(Error::Storage(_)) = resp {
+            return resp;
         }
-        if let Some(rev) = compact_to {
-            self.run_compaction(rev)?;
-        }
+        batch.commit(ctx.meta)?;
         resp
+    }
+
+    /// Starts a batch of writes that are applied in order, each at its own revision, and
+    /// committed together in one fjall batch (see [`WriteBatch`]). Holds the writer lock until
+    /// it is committed or dropped.
+    ///
+    /// # Errors
+    /// `Storage` when the current revision cannot be read.
+    pub fn write_batch(&self, now_ms: u64) -> Result<WriteBatch<'_>> {
+        let writer = lock(&self.writer);
+        let current = self.current_revision()?;
+        Ok(WriteBatch {
+            txn: WriteTxn::new(self, current, now_ms),
+            applied: 0,
+            sealed: false,
+            _writer: writer,
+        })
     }
 
     /// Removes history below `rev` in bounded batches; idempotent, resumed by `open`.
@@ -687,19 +692,7 @@ fn range_at(
     }
     let range = KeyRange::new(&req.key, &req.range_end);
     let mut kvs = if rev == current {
-        let mut kvs = view.latest_in(&range)?;
-        if !overlay.is_empty() {
-            let mut merged: BTreeMap<Vec<u8>, KeyValue> =
-                kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-            for (k, v) in overlay.iter().filter(|(k, _)| range.contains(k)) {
-                match v {
-                    Some(kv) => merged.insert(k.clone(), kv.clone()),
-                    None => merged.remove(k),
-                };
-            }
-            kvs = merged.into_values().collect();
-        }
-        kvs
+        latest_with_overlay(view, &range, overlay)?
     } else {
         view.historical_in(&range, rev)?
     };
@@ -735,6 +728,33 @@ fn range_at(
         more,
         count,
     })
+}
+
+/// Live keys in `range` as the writer sees them: the store's latest values with the writes not
+/// yet committed (`overlay`) on top.
+fn latest_with_overlay(
+    view: &View<'_>,
+    range: &KeyRange,
+    overlay: &BTreeMap<Vec<u8>, Option<KeyValue>>,
+) -> Result<Vec<KeyValue>> {
+    if range.end == KeyEnd::Single
+        && let Some(v) = overlay.get(&range.start)
+    {
+        return Ok(v.iter().cloned().collect());
+    }
+    let kvs = view.latest_in(range)?;
+    if overlay.is_empty() || range.end == KeyEnd::Single {
+        return Ok(kvs);
+    }
+    let mut merged: BTreeMap<Vec<u8>, KeyValue> =
+        kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+    for (k, v) in overlay.iter().filter(|(k, _)| range.contains(k)) {
+        match v {
+            Some(kv) => merged.insert(k.clone(), kv.clone()),
+            None => merged.remove(k),
+        };
+    }
+    Ok(merged.into_values().collect())
 }
 
 fn sort_kvs(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
@@ -776,17 +796,106 @@ fn sort_kvs(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
     }
 }
 
-/// One write request being applied: changes accumulate in a fjall batch and an overlay that
-/// later ops of the same txn read through.
+/// Consecutive replicated writes applied into one fjall batch: one journal record and one set of
+/// meta updates for many requests (a raft entry carries up to hundreds of them). Each request
+/// still gets its own revision, reads what the requests before it wrote, and on a domain error
+/// leaves no trace. Requests whose effects live outside the key space (leases, alarms,
+/// compaction) or that read history are applied alone: [`WriteBatch::admits`] says when the
+/// batch must be committed first.
+pub struct WriteBatch<'a> {
+    txn: WriteTxn<'a>,
+    /// Requests applied so far (including ones that failed or changed nothing).
+    applied: usize,
+    /// Set by a request that must be applied alone: nothing else may join.
+    sealed: bool,
+    _writer: MutexGuard<'a, ()>,
+}
+
+impl WriteBatch<'_> {
+    /// Whether `req` may be applied into this batch; when not, commit it and start another.
+    pub fn admits(&self, req: &WriteRequest) -> bool {
+        !self.sealed && (self.applied == 0 || joins_batch(req))
+    }
+
+    /// Applies `req` on top of the writes already in the batch.
+    ///
+    /// # Errors
+    /// Domain errors (the request changed nothing); `Storage` means the batch must be dropped
+    /// and the node must stop.
+    ///
+    /// # Panics
+    /// In debug builds, when `req` is not admitted (see [`WriteBatch::admits`]).
+    pub fn apply(&mut self, req: &WriteRequest) -> Result<WriteResponse> {
+        debug_assert!(
+            self.admits(req),
+            "request applied into a batch that does not admit it"
+        );
+        self.applied += 1;
+        self.sealed |= !joins_batch(req);
+        self.txn.run_request(req)
+    }
+
+    /// Commits every applied request and `meta` in one fjall batch, then hands each revision's
+    /// events to the watch hub (and runs a compaction that was applied).
+    ///
+    /// # Errors
+    /// `Storage`: the node must stop.
+    pub fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<()> {
+        let store = self.txn.store;
+        let (revisions, compact_to) = self.txn.commit(meta)?;
+        if !revisions.is_empty() {
+            let mut hub = lock(&store.hub);
+            for (rev, events) in &revisions {
+                hub.notify(*rev, events);
+            }
+        }
+        if let Some(rev) = compact_to {
+            store.run_compaction(rev)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a request may share a batch with other requests: plain key-space writes whose reads
+/// are at the latest revision. The rest change state kept beside the key space (the lessor,
+/// alarms, the compact revision) or read history the batch has not written yet.
+fn joins_batch(req: &WriteRequest) -> bool {
+    fn reads_history(t: &TxnRequest) -> bool {
+        t.success.iter().chain(&t.failure).any(|op| match op {
+            RequestOp::Range(r) => r.revision > 0,
+            RequestOp::Txn(n) => reads_history(n),
+            _ => false,
+        })
+    }
+    match req {
+        WriteRequest::Put(_) | WriteRequest::DeleteRange(_) => true,
+        WriteRequest::Txn(t) => !reads_history(t),
+        _ => false,
+    }
+}
+
+/// A fjall batch operation: keyspace, key, and the value (`None` removes).
+type BatchOp<'a> = (&'a Keyspace, Vec<u8>, Option<Vec<u8>>);
+
+/// The writes of a [`WriteBatch`]: changes accumulate as batch operations and in an overlay of
+/// the latest values, which later ops (of the same request and of later requests) read
+/// through. A failed request is rolled back to where it started.
 struct WriteTxn<'a> {
     store: &'a KvStore,
-    batch: OwnedWriteBatch,
-    /// Revision before this request.
+    ops: Vec<BatchOp<'a>>,
+    /// Revision in the store before the batch.
+    base: i64,
+    /// Revision before the current request.
     begin: i64,
-    /// Next sub-revision.
+    /// Next sub-revision of the current request.
     sub: i64,
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    /// Overlay values the current request replaced, oldest first, to roll it back.
+    undo: Vec<(Vec<u8>, Option<Option<KeyValue>>)>,
+    /// Events of the current request.
     events: Vec<Event>,
+    /// Events of every revision this batch made, in order.
+    revisions: Vec<(i64, Vec<Event>)>,
     lease_attach: Vec<(i64, Vec<u8>, bool)>,
     lease_grant: Option<(i64, LeaseRecord)>,
     lease_remove: Option<i64>,
@@ -800,11 +909,14 @@ impl<'a> WriteTxn<'a> {
     fn new(store: &'a KvStore, begin: i64, now_ms: u64) -> Self {
         Self {
             store,
-            batch: store.db.batch(),
+            ops: Vec::new(),
+            base: begin,
             begin,
             sub: 0,
             overlay: BTreeMap::new(),
+            undo: Vec::new(),
             events: Vec::new(),
+            revisions: Vec::new(),
             lease_attach: Vec::new(),
             lease_grant: None,
             lease_remove: None,
@@ -813,6 +925,54 @@ impl<'a> WriteTxn<'a> {
             compact: None,
             now_ms,
         }
+    }
+
+    /// Runs one request; on success it becomes a revision of the batch when it changed
+    /// anything, on a domain error everything it did is undone.
+    fn run_request(&mut self, req: &WriteRequest) -> Result<WriteResponse> {
+        let (ops, attach) = (self.ops.len(), self.lease_attach.len());
+        self.undo.clear();
+        let result = self.run(req);
+        if result.is_ok() {
+            if self.sub > 0 {
+                self.begin += 1;
+                self.sub = 0;
+                let events = std::mem::take(&mut self.events);
+                self.revisions.push((self.begin, events));
+            }
+            return result;
+        }
+        self.ops.truncate(ops);
+        self.lease_attach.truncate(attach);
+        self.events.clear();
+        self.sub = 0;
+        while let Some((key, before)) = self.undo.pop() {
+            match before {
+                Some(v) => self.overlay.insert(key, v),
+                None => self.overlay.remove(&key),
+            };
+        }
+        // Only a request applied alone sets these, and it failed.
+        self.lease_grant = None;
+        self.lease_remove = None;
+        self.lease_remaining = None;
+        self.alarms = None;
+        self.compact = None;
+        result
+    }
+
+    fn insert(&mut self, ks: &'a Keyspace, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((ks, key, Some(value)));
+    }
+
+    fn remove(&mut self, ks: &'a Keyspace, key: Vec<u8>) {
+        self.ops.push((ks, key, None));
+    }
+
+    /// Sets the latest value of `key` as later reads of the batch see it.
+    fn set_latest(&mut self, key: Vec<u8>, kv: Option<KeyValue>) {
+        let before = self.overlay.insert(key.clone(), kv);
+        self.undo.push((key, before));
     }
 
     fn view(&self) -> View<'a> {
@@ -901,8 +1061,8 @@ impl<'a> WriteTxn<'a> {
                     ttl: *ttl,
                     remaining_ttl: 0,
                 };
-                self.batch
-                    .insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                let store = self.store;
+                self.insert(&store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
                 self.lease_grant = Some((*id, rec));
                 Ok(WriteResponse::LeaseGrant {
                     id: *id,
@@ -917,8 +1077,8 @@ impl<'a> WriteTxn<'a> {
                     lease.keys.iter().cloned().collect::<Vec<_>>()
                 };
                 self.delete_keys(&keys)?;
-                self.batch
-                    .remove(&self.store.lease, id.to_be_bytes().to_vec());
+                let store = self.store;
+                self.remove(&store.lease, id.to_be_bytes().to_vec());
                 self.lease_remove = Some(*id);
                 Ok(WriteResponse::Lease {
                     revision: self.read_revision(),
@@ -934,8 +1094,8 @@ impl<'a> WriteTxn<'a> {
                         ttl,
                         remaining_ttl: *remaining_ttl,
                     };
-                    self.batch
-                        .insert(&self.store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
+                    let store = self.store;
+                    self.insert(&store.lease, id.to_be_bytes().to_vec(), encode(&rec)?);
                     self.lease_remaining = Some((*id, *remaining_ttl));
                 }
                 Ok(WriteResponse::Lease {
@@ -949,8 +1109,8 @@ impl<'a> WriteTxn<'a> {
                 } else {
                     alarms.remove(alarm);
                 }
-                self.batch
-                    .insert(&self.store.meta, META_ALARMS, encode(&alarms)?);
+                let store = self.store;
+                self.insert(&store.meta, META_ALARMS.to_vec(), encode(&alarms)?);
                 self.alarms = Some(alarms.clone());
                 Ok(WriteResponse::Alarm {
                     alarms: alarms.into_iter().collect(),
@@ -968,29 +1128,25 @@ impl<'a> WriteTxn<'a> {
             kv: kv.clone(),
             tombstone: false,
         };
-        self.batch
-            .insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-        self.batch.insert(
+        self.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+        self.insert(
             &store.index,
             keys::index_key(&kv.key, rev),
             vec![INDEX_LIVE],
         );
-        self.batch
-            .insert(&store.latest, kv.key.clone(), encode(&kv)?);
+        self.insert(&store.latest, kv.key.clone(), encode(&kv)?);
         let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != kv.lease {
             if old_lease != 0 {
-                self.batch
-                    .remove(&store.lease_keys, lease_key(old_lease, &kv.key));
+                self.remove(&store.lease_keys, lease_key(old_lease, &kv.key));
                 self.lease_attach.push((old_lease, kv.key.clone(), false));
             }
             if kv.lease != 0 {
-                self.batch
-                    .insert(&store.lease_keys, lease_key(kv.lease, &kv.key), Vec::new());
+                self.insert(&store.lease_keys, lease_key(kv.lease, &kv.key), Vec::new());
                 self.lease_attach.push((kv.lease, kv.key.clone(), true));
             }
         }
-        self.overlay.insert(kv.key.clone(), Some(kv.clone()));
+        self.set_latest(kv.key.clone(), Some(kv.clone()));
         self.events.push(Event {
             kind: EventType::Put,
             kv,
@@ -1053,20 +1209,18 @@ impl<'a> WriteTxn<'a> {
                 kv: tomb.clone(),
                 tombstone: true,
             };
-            self.batch
-                .insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-            self.batch.insert(
+            self.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
+            self.insert(
                 &store.index,
                 keys::index_key(key, rev),
                 vec![INDEX_TOMBSTONE],
             );
-            self.batch.remove(&store.latest, key.clone());
+            self.remove(&store.latest, key.clone());
             if prev.lease != 0 {
-                self.batch
-                    .remove(&store.lease_keys, lease_key(prev.lease, key));
+                self.remove(&store.lease_keys, lease_key(prev.lease, key));
                 self.lease_attach.push((prev.lease, key.clone(), false));
             }
-            self.overlay.insert(key.clone(), None);
+            self.set_latest(key.clone(), None);
             self.events.push(Event {
                 kind: EventType::Delete,
                 kv: tomb,
@@ -1138,7 +1292,8 @@ impl<'a> WriteTxn<'a> {
 
     fn compare(&self, c: &Compare) -> Result<bool> {
         let range = KeyRange::new(&c.key, &c.range_end);
-        let kvs = self.view().latest_in(&range)?;
+        // Earlier requests of the batch are visible; this txn has written nothing yet.
+        let kvs = latest_with_overlay(&self.view(), &range, &self.overlay)?;
         if kvs.is_empty() {
             if matches!(c.target, CompareTarget::Value(_)) {
                 return Ok(false);
@@ -1171,31 +1326,41 @@ impl<'a> WriteTxn<'a> {
         })
     }
 
-    /// Commits the batch with `meta`; returns the new revision and its events if it changed.
-    fn commit(mut self, meta: &[(&[u8], &[u8])]) -> Result<Option<(i64, Vec<Event>)>> {
+    /// Commits every op and `meta` in one fjall batch and updates the in-memory state; returns
+    /// each new revision's events and the revision to compact to, if a compaction was applied.
+    #[allow(clippy::type_complexity)]
+    fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<(Vec<(i64, Vec<Event>)>, Option<i64>)> {
         let store = self.store;
-        let changed = self.sub > 0;
-        let rev = self.begin + 1;
-        if changed {
-            self.batch
-                .insert(&store.meta, META_REVISION, rev.to_be_bytes().to_vec());
+        let mut batch = store.db.batch();
+        for (ks, key, value) in self.ops {
+            match value {
+                Some(v) => batch.insert(ks, key, v),
+                None => batch.remove(ks, key),
+            }
+        }
+        if self.begin > self.base {
+            batch.insert(
+                &store.meta,
+                META_REVISION,
+                self.begin.to_be_bytes().to_vec(),
+            );
         }
         if let Some(c) = self.compact {
-            self.batch.insert(
+            batch.insert(
                 &store.meta,
                 META_COMPACT_SCHEDULED,
                 c.to_be_bytes().to_vec(),
             );
         }
         for (k, v) in meta {
-            self.batch.insert(&store.meta, *k, *v);
+            batch.insert(&store.meta, *k, *v);
         }
         if let Some(id) = self.lease_remove {
             for key in store.lease_keys(id) {
-                self.batch.remove(&store.lease_keys, lease_key(id, &key));
+                batch.remove(&store.lease_keys, lease_key(id, &key));
             }
         }
-        self.batch.commit()?;
+        batch.commit()?;
         let mut state = lock(&store.state);
         if let Some((id, rec)) = self.lease_grant {
             state.lessor.insert(id, rec, self.now_ms);
@@ -1216,7 +1381,7 @@ impl<'a> WriteTxn<'a> {
         if let Some(alarms) = self.alarms {
             state.alarms = alarms;
         }
-        Ok(changed.then(|| (rev, std::mem::take(&mut self.events))))
+        Ok((self.revisions, self.compact))
     }
 }
 

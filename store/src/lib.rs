@@ -29,7 +29,7 @@ pub mod watch;
 
 pub use error::{Error, Result};
 pub use keys::{KeyEnd, KeyRange, prefix_end};
-pub use kv_store::{ApplyContext, KvStore, StoreOptions, validate_put, validate_txn};
+pub use kv_store::{ApplyContext, KvStore, StoreOptions, WriteBatch, validate_put, validate_txn};
 pub use lease::Lessor;
 pub use types::*;
 pub use watch::{SyncState, WatchHub, WatchSink, WatcherId};

@@ -513,3 +513,178 @@ fn reclaim_is_amortized_over_removed_history() {
     );
     assert_eq!(get(&s, "k", 0).expect("get").expect("k").value, b"9999");
 }
+
+/// Collects every revision the watch hub hands out.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(i64, Vec<Event>)>>);
+
+impl WatchSink for Recorder {
+    fn offer(&self, _id: WatcherId, revision: i64, events: Vec<Event>) -> bool {
+        self.0.lock().expect("recorder").push((revision, events));
+        true
+    }
+}
+
+/// Requests that exercise what a batch must get right: reads of earlier requests' writes (prev
+/// values, versions, compares, range deletes), domain errors that must leave no trace, and the
+/// requests that are applied alone (leases, compaction, historical reads).
+fn batch_request() -> impl Strategy<Value = WriteRequest> {
+    let key = (0u8..5).prop_map(|k| vec![b'k', b'0' + k]);
+    let put = (key.clone(), 0u8..4, any::<bool>(), 0i64..3, any::<bool>()).prop_map(
+        |(key, v, prev_kv, lease, ignore_value)| PutRequest {
+            key,
+            value: vec![b'v', b'0' + v],
+            lease,
+            prev_kv,
+            ignore_value,
+            ignore_lease: false,
+        },
+    );
+    let delete = (key.clone(), any::<bool>()).prop_map(|(key, whole)| DeleteRangeRequest {
+        range_end: if whole { b"l".to_vec() } else { Vec::new() },
+        key,
+        prev_kv: true,
+    });
+    let compare =
+        (key.clone(), 0i64..4, 0u8..4, any::<bool>()).prop_map(|(key, n, v, on_value)| Compare {
+            result: CompareResult::Equal,
+            target: if on_value {
+                CompareTarget::Value(vec![b'v', b'0' + v])
+            } else {
+                CompareTarget::Version(n)
+            },
+            key,
+            range_end: Vec::new(),
+        });
+    let read = (key.clone(), 0i64..6).prop_map(|(key, revision)| {
+        RequestOp::Range(RangeRequest {
+            key,
+            range_end: b"l".to_vec(),
+            revision,
+            ..Default::default()
+        })
+    });
+    // The second put fails often (a missing lease, or ignore_value on a missing key), after
+    // the first one wrote.
+    let txn =
+        (compare, put.clone(), put.clone(), delete.clone(), read).prop_map(|(c, p, p2, d, r)| {
+            TxnRequest {
+                compare: vec![c],
+                success: vec![RequestOp::Put(p), r.clone(), RequestOp::Put(p2)],
+                failure: vec![RequestOp::DeleteRange(d), r],
+            }
+        });
+    prop_oneof![
+        4 => put.prop_map(WriteRequest::Put),
+        2 => delete.prop_map(WriteRequest::DeleteRange),
+        3 => txn.prop_map(WriteRequest::Txn),
+        1 => (1i64..3).prop_map(|id| WriteRequest::LeaseGrant { id, ttl: 60 }),
+        1 => (1i64..3).prop_map(|id| WriteRequest::LeaseRevoke { id }),
+        1 => (1i64..8).prop_map(|revision| WriteRequest::Compact { revision }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Requests applied through write batches (committed at random points, and wherever a
+    /// request must be applied alone) answer exactly as when each is applied on its own, and
+    /// leave the same history, leases and watch events.
+    #[test]
+    fn batched_writes_match_one_by_one(
+        reqs in proptest::collection::vec(batch_request(), 1..40),
+        cuts in proptest::collection::vec(any::<bool>(), 40),
+    ) {
+        let (d1, d2) = (tempfile::tempdir().expect("t"), tempfile::tempdir().expect("t"));
+        let (single, batched) = (open(&d1), open(&d2));
+        let (seen1, seen2) = (std::sync::Arc::new(Recorder::default()), std::sync::Arc::new(Recorder::default()));
+        single.hub().register(KeyRange::new(b"", &[0]), 0, seen1.clone());
+        batched.hub().register(KeyRange::new(b"", &[0]), 0, seen2.clone());
+
+        let want: Vec<_> = reqs.iter().map(|r| apply(&single, r.clone())).collect();
+        let mut got = Vec::new();
+        let mut batch = batched.write_batch(0).expect("batch");
+        for (req, cut) in reqs.iter().zip(&cuts) {
+            if !batch.admits(req) {
+                batch.commit(&[]).expect("commit");
+                batch = batched.write_batch(0).expect("batch");
+            }
+            got.push(batch.apply(req));
+            if *cut {
+                batch.commit(&[]).expect("commit");
+                batch = batched.write_batch(0).expect("batch");
+            }
+        }
+        batch.commit(&[]).expect("commit");
+
+        prop_assert_eq!(got, want);
+        let current = single.current_revision().expect("rev");
+        prop_assert_eq!(batched.current_revision().expect("rev"), current);
+        prop_assert_eq!(batched.hash_kv(0), single.hash_kv(0));
+        for rev in single.compact_revision().expect("compact").max(1)..=current {
+            let all = RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), revision: rev, ..Default::default() };
+            prop_assert_eq!(batched.range(&all), single.range(&all));
+        }
+        for id in 1..3 {
+            prop_assert_eq!(batched.lease_keys(id), single.lease_keys(id));
+        }
+        let events = |r: &Recorder| r.0.lock().expect("recorder").clone();
+        prop_assert_eq!(events(&seen2), events(&seen1));
+    }
+}
+
+/// A request that fails after some of its ops wrote leaves no trace, alone or between other
+/// requests of a batch: no value, no history, no lease attachment, no revision.
+#[test]
+fn failed_request_in_a_batch_leaves_no_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    apply(&s, WriteRequest::LeaseGrant { id: 7, ttl: 60 }).expect("grant");
+    let put = |k: &str, lease: i64, ignore_value: bool| {
+        RequestOp::Put(PutRequest {
+            key: k.into(),
+            value: b"v".to_vec(),
+            lease,
+            ignore_value,
+            ..Default::default()
+        })
+    };
+    // Writes `a` under the lease, then fails: `missing` does not exist for ignore_value.
+    let failing = WriteRequest::Txn(TxnRequest {
+        compare: Vec::new(),
+        success: vec![put("a", 7, false), put("missing", 0, true)],
+        failure: Vec::new(),
+    });
+    let before = s.current_revision().expect("rev");
+    let mut batch = s.write_batch(0).expect("batch");
+    let ok = |k: &str| {
+        WriteRequest::Put(PutRequest {
+            key: k.into(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        })
+    };
+    assert!(batch.apply(&ok("b")).is_ok());
+    assert!(batch.admits(&failing));
+    assert_eq!(batch.apply(&failing), Err(Error::KeyNotFound));
+    assert!(batch.apply(&ok("c")).is_ok());
+    batch.commit(&[]).expect("commit");
+
+    assert_eq!(
+        s.current_revision().expect("rev"),
+        before + 2,
+        "one revision per successful put"
+    );
+    assert_eq!(get(&s, "a", 0).expect("get"), None);
+    assert!(
+        s.lease_keys(7).is_empty(),
+        "the failed put's attachment was rolled back"
+    );
+    let c = get(&s, "c", 0).expect("get").expect("c");
+    assert_eq!(c.mod_revision, before + 2);
+    let history = s
+        .watch_events(&KeyRange::new(b"", &[0]), before + 1, before + 2, false)
+        .expect("events")
+        .0;
+    let keys: Vec<_> = history.iter().map(|e| e.kv.key.clone()).collect();
+    assert_eq!(keys, vec![b"b".to_vec(), b"c".to_vec()]);
+}

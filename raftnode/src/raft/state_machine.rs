@@ -7,7 +7,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keyhold_store::{ApplyContext, Error as StoreError, KvStore, WriteRequest};
+use keyhold_store::{Error as StoreError, KvStore, WriteBatch, WriteRequest};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
@@ -18,7 +18,7 @@ use super::{
     Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, Member, StorageError,
     TypeConfig, encode,
 };
-use crate::clock::{Clock, blocking};
+use crate::clock::Clock;
 
 const SNAP_DATA: &str = "current.data";
 const SNAP_META: &str = "current.meta";
@@ -118,6 +118,109 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+/// Applies committed entries: as many of their writes as possible go into one store batch
+/// (one fjall batch and one applied-id update for many writes). A write that must be applied
+/// alone closes the batch; the batch then records how far into its entry it got
+/// (`META_PARTIAL`), so a restart skips those writes instead of applying them twice.
+fn apply_entries(
+    store: &KvStore,
+    compacted: &tokio::sync::Notify,
+    now_ms: u64,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Result<Vec<Applied>, StorageError> {
+    // A snapshot is exported when it is sent, so an installed one may already cover entries
+    // past the log id raft knows it by; those are skipped, not applied twice.
+    let floor = match store.meta_get(META_APPLIED).map_err(sm_err)? {
+        Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b)
+            .map_err(sm_err)?
+            .map(|l| l.index),
+        None => None,
+    };
+    // Writes of an entry applied before a crash (only this path writes it).
+    let partial = match store.meta_get(META_PARTIAL).map_err(sm_err)? {
+        Some(b) => postcard::from_bytes::<(LogId<u64>, usize)>(&b).ok(),
+        None => None,
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    let mut batch = store.write_batch(now_ms).map_err(sm_err)?;
+    // The last entry whose every write is in `batch`, and a membership to record with it.
+    let mut last: Option<LogId<u64>> = None;
+    let mut membership: Option<Vec<u8>> = None;
+    let mut compactions = false;
+    let commit = |batch: WriteBatch<'_>,
+                  last: Option<LogId<u64>>,
+                  membership: &Option<Vec<u8>>,
+                  partial: Option<(LogId<u64>, usize)>|
+     -> Result<(), StorageError> {
+        let applied = last.map(|l| encode(&Some(l)));
+        let partial = partial.map(|p| encode(&p));
+        let mut meta: Vec<(&[u8], &[u8])> = Vec::with_capacity(3);
+        if let Some(a) = &applied {
+            meta.push((META_APPLIED, a));
+        }
+        if let Some(m) = membership {
+            meta.push((META_MEMBERSHIP, m));
+        }
+        if let Some(p) = &partial {
+            meta.push((META_PARTIAL, p));
+        }
+        batch.commit(&meta).map_err(sm_err)
+    };
+    for entry in entries {
+        // (Index 0 is the initial membership: applied when nothing is.)
+        if floor.is_some_and(|f| entry.log_id.index <= f) {
+            out.push(Applied::Nothing);
+            continue;
+        }
+        match entry.payload {
+            EntryPayload::Blank => out.push(Applied::Nothing),
+            EntryPayload::Membership(m) => {
+                let stored = StoredMembership::new(Some(entry.log_id), m);
+                membership = Some(encode(&stored));
+                out.push(Applied::Nothing);
+            }
+            EntryPayload::Normal(proposal) => {
+                let done = match partial {
+                    Some((id, n)) if id == entry.log_id => n,
+                    _ => 0,
+                };
+                let mut results = Vec::with_capacity(proposal.writes.len());
+                for (i, req) in proposal.writes.iter().enumerate() {
+                    if i < done {
+                        results.push(Err(StoreError::Storage("applied before a restart".into())));
+                        continue;
+                    }
+                    if !batch.admits(req) {
+                        commit(batch, last, &membership, Some((entry.log_id, i)))?;
+                        batch = store.write_batch(now_ms).map_err(sm_err)?;
+                    }
+                    match batch.apply(req) {
+                        Err(StoreError::Storage(e)) => {
+                            return Err(
+                                StorageIOError::apply(entry.log_id, &io::Error::other(e)).into()
+                            );
+                        }
+                        result => {
+                            compactions |=
+                                result.is_ok() && matches!(req, WriteRequest::Compact { .. });
+                            results.push(result);
+                        }
+                    }
+                }
+                out.push(Applied::Writes(results));
+            }
+        }
+        last = Some(entry.log_id);
+    }
+    if last.is_some() {
+        commit(batch, last, &membership, None)?;
+    }
+    if compactions {
+        compacted.notify_one();
+    }
+    Ok(out)
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
@@ -132,91 +235,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let store = &self.store;
+        let (store, compacted) = (self.store.clone(), self.compacted.clone());
         let now_ms = self.clock.now_ms();
-        let compacted = &self.compacted;
-        blocking(|| {
-            // A snapshot is exported when it is sent, so an installed one may already cover
-            // entries past the log id raft knows it by; those are skipped, not applied twice.
-            let floor = match store.meta_get(META_APPLIED).map_err(sm_err)? {
-                Some(b) => postcard::from_bytes::<Option<LogId<u64>>>(&b)
-                    .map_err(sm_err)?
-                    .map(|l| l.index),
-                None => None,
-            };
-            let mut out = Vec::new();
-            for entry in entries {
-                // (Index 0 is the initial membership: applied when nothing is.)
-                if floor.is_some_and(|f| entry.log_id.index <= f) {
-                    out.push(Applied::Nothing);
-                    continue;
-                }
-                let applied = encode(&Some(entry.log_id));
-                match entry.payload {
-                    EntryPayload::Blank => {
-                        store
-                            .meta_put(&[(META_APPLIED, &applied)])
-                            .map_err(sm_err)?;
-                        out.push(Applied::Nothing);
-                    }
-                    EntryPayload::Normal(proposal) => {
-                        // Writes of this entry already applied before a crash are skipped.
-                        let done = match store.meta_get(META_PARTIAL).map_err(sm_err)? {
-                            Some(b) => match postcard::from_bytes::<(LogId<u64>, usize)>(&b) {
-                                Ok((id, n)) if id == entry.log_id => n,
-                                _ => 0,
-                            },
-                            None => 0,
-                        };
-                        let total = proposal.writes.len();
-                        let mut results = Vec::with_capacity(total);
-                        for (i, req) in proposal.writes.iter().enumerate() {
-                            if i < done {
-                                results.push(Err(StoreError::Storage(
-                                    "applied before a restart".into(),
-                                )));
-                                continue;
-                            }
-                            let partial = encode(&(entry.log_id, i + 1));
-                            let last = [(META_PARTIAL, &partial[..]), (META_APPLIED, &applied[..])];
-                            let meta: &[(&[u8], &[u8])] =
-                                if i + 1 == total { &last } else { &last[..1] };
-                            match store.apply(req, ApplyContext { now_ms, meta }) {
-                                Err(StoreError::Storage(e)) => {
-                                    return Err(StorageIOError::apply(
-                                        entry.log_id,
-                                        &io::Error::other(e),
-                                    )
-                                    .into());
-                                }
-                                result => {
-                                    if result.is_ok() && matches!(req, WriteRequest::Compact { .. })
-                                    {
-                                        compacted.notify_one();
-                                    }
-                                    results.push(result)
-                                }
-                            }
-                        }
-                        if total == 0 {
-                            store
-                                .meta_put(&[(META_APPLIED, &applied)])
-                                .map_err(sm_err)?;
-                        }
-                        out.push(Applied::Writes(results));
-                    }
-                    EntryPayload::Membership(m) => {
-                        let stored = StoredMembership::new(Some(entry.log_id), m);
-                        let membership = encode(&stored);
-                        store
-                            .meta_put(&[(META_APPLIED, &applied), (META_MEMBERSHIP, &membership)])
-                            .map_err(sm_err)?;
-                        out.push(Applied::Nothing);
-                    }
-                }
-            }
-            Ok(out)
-        })
+        let entries: Vec<_> = entries.into_iter().collect();
+        // One hand-off per batch of entries to a blocking thread (not `block_in_place`, which
+        // moves this worker's whole core to another thread on every call).
+        tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
+            .await
+            .map_err(sm_err)?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
