@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
     /// The user key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Revision of the put that created this generation of the key.
     pub create_revision: i64,
@@ -16,6 +17,7 @@ pub struct KeyValue {
     /// Puts since creation (1 on creation).
     pub version: i64,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Attached lease, 0 for none.
     pub lease: i64,
@@ -73,8 +75,10 @@ pub enum SortTarget {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeRequest {
     /// First key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Range end (etcd conventions).
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     /// Max keys returned, 0 = unlimited.
     pub limit: i64,
@@ -115,8 +119,10 @@ pub struct RangeResponse {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRequest {
     /// Key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Lease to attach, 0 for none.
     pub lease: i64,
@@ -141,8 +147,10 @@ pub struct PutResponse {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteRangeRequest {
     /// First key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Range end (etcd conventions).
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
     /// Return deleted key-values.
     pub prev_kv: bool,
@@ -182,7 +190,7 @@ pub enum CompareTarget {
     /// Mod revision.
     Mod(i64),
     /// Value bytes.
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Attached lease.
     Lease(i64),
 }
@@ -195,8 +203,10 @@ pub struct Compare {
     /// Target and operand.
     pub target: CompareTarget,
     /// Key.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     /// Range end: with a range, every key in it must satisfy the compare.
+    #[serde(with = "serde_bytes")]
     pub range_end: Vec<u8>,
 }
 
@@ -343,4 +353,48 @@ pub enum WriteResponse {
         /// Store revision.
         revision: i64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `KeyValue` as it was encoded before its byte fields were marked `serde_bytes`.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct KeyValueAsSequence {
+        key: Vec<u8>,
+        create_revision: i64,
+        mod_revision: i64,
+        version: i64,
+        value: Vec<u8>,
+        lease: i64,
+    }
+
+    /// Byte fields encode as postcard byte strings, which are the same bytes as the `u8`
+    /// sequences written by earlier builds: stores and raft logs on disk stay readable.
+    #[test]
+    fn byte_fields_keep_the_on_disk_encoding() {
+        let kv = KeyValue {
+            key: b"key".to_vec(),
+            create_revision: 2,
+            mod_revision: 300,
+            version: 7,
+            value: vec![0xff; 300],
+            lease: -1,
+        };
+        let old = KeyValueAsSequence {
+            key: kv.key.clone(),
+            create_revision: 2,
+            mod_revision: 300,
+            version: 7,
+            value: kv.value.clone(),
+            lease: -1,
+        };
+        let new_bytes = postcard::to_allocvec(&kv).expect("encode");
+        assert_eq!(new_bytes, postcard::to_allocvec(&old).expect("encode"));
+        assert_eq!(
+            postcard::from_bytes::<KeyValue>(&new_bytes).expect("decode"),
+            kv
+        );
+    }
 }
