@@ -683,10 +683,13 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     let raft_config = openraft::Config {
         cluster_name: config.cluster_token.clone(),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
-        election_timeout_min: election_ms,
-        // openraft makes followers refuse votes for `election_timeout_max` after the last
-        // heartbeat (its leader lease); a narrow window lets a second campaign win soon.
-        election_timeout_max: election_ms + election_ms / 4,
+        // A follower that has a leader refuses votes for `election_timeout_max` after the last
+        // heartbeat (openraft's leader lease), and campaigns `election_timeout_max` plus a
+        // random `[min, max)` after it. These make that silence 0.95–1.1 × `--election-timeout`,
+        // as etcd's followers wait one election timeout, and the first campaign after a leader
+        // dies wins (its lease has run out on every follower).
+        election_timeout_min: election_ms * 2 / 5,
+        election_timeout_max: election_ms * 11 / 20,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
         max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
         max_payload_entries: RAFT_PAYLOAD_ENTRIES_MAX,
