@@ -87,8 +87,12 @@ pub struct Node {
     transfer_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
-/// A write waiting to be proposed, with where its outcome goes.
-type Pending = (WriteRequest, oneshot::Sender<Result<WriteResponse>>);
+/// A write waiting to be proposed, with where its outcome goes: the index of the raft entry
+/// that carried it and what applying it produced.
+type Pending = (WriteRequest, oneshot::Sender<Result<(u64, StoreResult)>>);
+
+/// The outcome of one applied write (a domain error is an outcome, not a failure).
+type StoreResult = std::result::Result<WriteResponse, keyhold_store::Error>;
 
 /// Writes queued for the proposer before `propose` waits (back-pressure).
 const PROPOSAL_QUEUE_MAX: usize = 4096;
@@ -159,10 +163,10 @@ impl Router {
         }
     }
 
-    /// Proposes `proposal` (forwarding it when this member does not lead) and returns what
-    /// applying it produced, once this member has applied it too (so a serializable read here
-    /// sees the write).
-    async fn submit(&self, proposal: Proposal) -> Result<Applied> {
+    /// Proposes `proposal` (forwarding it when this member does not lead) and returns the
+    /// index of the (last) entry that carried it and what applying it produced, once this
+    /// member has applied it too (so a serializable read here sees the write).
+    async fn submit(&self, proposal: Proposal) -> Result<(u64, Applied)> {
         if self.leader() == Some(self.me) {
             let rx = self
                 .raft
@@ -172,13 +176,13 @@ impl Router {
             return match rx.await {
                 Err(_) => Err(Error::Stopped),
                 Ok(Err(e)) => Err(client_write_error(e)),
-                Ok(Ok(r)) => Ok(r.data),
+                Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
             };
         }
         match self.to_leader(PeerRequest::Forward(proposal)).await? {
             PeerResponse::Forward { index, applied } => {
                 self.wait_applied(index).await?;
-                Ok(applied)
+                Ok((index, applied))
             }
             other => Err(Error::Internal(format!("leader answered {other:?}"))),
         }
@@ -255,12 +259,12 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
             let gate = router.gate.clone();
             let _open = gate.read().await;
             match router.submit(Proposal { writes }).await {
-                Ok(Applied::Writes(results)) if results.len() == waiters.len() => {
+                Ok((index, Applied::Writes(results))) if results.len() == waiters.len() => {
                     for (w, r) in waiters.into_iter().zip(results) {
-                        let _ = w.send(r.map_err(Error::Store));
+                        let _ = w.send(Ok((index, r)));
                     }
                 }
-                Ok(other) => {
+                Ok((_, other)) => {
                     let e = Error::Internal(format!("proposal applied as {other:?}"));
                     for w in waiters {
                         let _ = w.send(Err(e.clone()));
@@ -359,7 +363,7 @@ impl Node {
         match tokio::time::timeout(self.request_timeout(), rx).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(_)) => Err(Error::Stopped),
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => result.and_then(|(_, r)| r.map_err(Error::Store)),
         }
     }
 
@@ -422,22 +426,44 @@ impl Node {
         self.router().to_leader(request).await
     }
 
-    /// Leader side of a forwarded proposal: proposes it and returns the entry's index and
-    /// outcome.
+    /// Leader side of a forwarded proposal. Its writes join this member's own proposal queue,
+    /// so the proposer packs writes from every member into the same raft entries (a follower's
+    /// small batch would otherwise be an entry of its own). Returns the index of the last entry
+    /// that carried one of them, which the follower waits to apply, and their outcomes.
+    ///
+    /// The proposer takes the MoveLeader gate itself; holding it here too could deadlock
+    /// behind a waiting transfer.
     ///
     /// # Errors
-    /// `NotLeader`/`LeaderChanged` when this member does not lead, `Timeout`.
+    /// `LeaderChanged` when this member does not lead; `Timeout`; for a failure after some of
+    /// the writes were committed, the failure (their outcome is unknown to the client, as for a
+    /// write that timed out).
     pub async fn lead_proposal(&self, proposal: Proposal) -> Result<(u64, Applied)> {
-        let _open = self.transfer_gate.read().await;
         if !self.is_leader() {
             return Err(Error::LeaderChanged);
         }
-        match tokio::time::timeout(self.request_timeout(), self.raft.client_write(proposal)).await {
-            Err(_) => Err(Error::Timeout),
-            Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
-            Ok(Err(RaftError::APIError(e))) => Err(client_write_error(e)),
-            Ok(Err(RaftError::Fatal(_))) => Err(Error::Stopped),
+        let mut outcomes = Vec::with_capacity(proposal.writes.len());
+        for req in proposal.writes {
+            let (tx, rx) = oneshot::channel();
+            self.proposals
+                .send((req, tx))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            outcomes.push(rx);
         }
+        let collect = async {
+            let mut last = 0;
+            let mut results = Vec::with_capacity(outcomes.len());
+            for rx in outcomes {
+                let (index, result) = rx.await.map_err(|_| Error::Stopped)??;
+                last = last.max(index);
+                results.push(result);
+            }
+            Ok((last, Applied::Writes(results)))
+        };
+        tokio::time::timeout(self.request_timeout(), collect)
+            .await
+            .map_err(|_| Error::Timeout)?
     }
 
     /// Leader side of a follower's read index.
