@@ -1339,7 +1339,10 @@ impl<'a> WriteTxn<'a> {
     #[allow(clippy::type_complexity)]
     fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<(Vec<(i64, Vec<Event>)>, Option<i64>)> {
         let store = self.store;
-        let mut batch = store.db.batch();
+        // Sized up front: a batch holds thousands of items, and growing it copies them. Buffer
+        // durability is what `Database::batch` sets (the raft log is the durable record).
+        let mut batch = OwnedWriteBatch::with_capacity(store.db.clone(), self.ops.len() + 8)
+            .durability(Some(PersistMode::Buffer));
         for (ks, key, value) in self.ops {
             match value {
                 Some(v) => batch.insert(ks, key, v),
