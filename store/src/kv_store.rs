@@ -884,6 +884,9 @@ fn joins_batch(req: &WriteRequest) -> bool {
     }
 }
 
+/// Each revision a batch made, in order, with its events (what the watch hub is handed).
+type RevisionEvents = Vec<(i64, Vec<Event>)>;
+
 /// A fjall batch operation: keyspace, key, and the value (`None` removes).
 type BatchOp<'a> = (&'a Keyspace, Vec<u8>, Option<Vec<u8>>);
 
@@ -905,7 +908,7 @@ struct WriteTxn<'a> {
     /// Events of the current request.
     events: Vec<Event>,
     /// Events of every revision this batch made, in order.
-    revisions: Vec<(i64, Vec<Event>)>,
+    revisions: RevisionEvents,
     lease_attach: Vec<(i64, Vec<u8>, bool)>,
     lease_grant: Option<(i64, LeaseRecord)>,
     lease_remove: Option<i64>,
@@ -1336,8 +1339,7 @@ impl<'a> WriteTxn<'a> {
 
     /// Commits every op and `meta` in one fjall batch and updates the in-memory state; returns
     /// each new revision's events and the revision to compact to, if a compaction was applied.
-    #[allow(clippy::type_complexity)]
-    fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<(Vec<(i64, Vec<Event>)>, Option<i64>)> {
+    fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<(RevisionEvents, Option<i64>)> {
         let store = self.store;
         // Sized up front: a batch holds thousands of items, and growing it copies them. Buffer
         // durability is what `Database::batch` sets (the raft log is the durable record).
