@@ -684,7 +684,8 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         ..StoreOptions::default()
     };
     let store = Arc::new(KvStore::with_database(db, options)?);
-    let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
+    let member_id = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
+    let log_store = LogStore::open(&config.data_dir.join("raft-log"), member_id)?;
     let clock = Clock::default();
     let compacted = Arc::new(tokio::sync::Notify::new());
     let sm = StateMachine::new(
@@ -692,9 +693,9 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         config.data_dir.join("snap"),
         clock,
         compacted.clone(),
+        log_store.durability(),
     )?;
 
-    let member_id = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
     let hosts: Vec<String> = config
         .advertise_peer_urls
         .iter()
@@ -722,7 +723,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         ..Default::default()
     }
     .validate()?;
-    let network = Network::new(peers.clone(), store.clone());
+    let network = Network::new(peers.clone(), store.clone(), log_store.durability());
     let raft = Raft::new(member_id, Arc::new(raft_config), network, log_store, sm).await?;
     let cluster_id = cluster_id(&config, &store, &raft, &peers).await?;
     peers.set_cluster_id(cluster_id);

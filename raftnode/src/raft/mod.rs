@@ -2,11 +2,14 @@
 //! store, and the peer network.
 //!
 //! ```text
-//!  client write ──► Raft::client_write(WriteRequest) ──► LogStore::append (Wal) ──► flusher (fsync, grouped)
-//!                                                             │ committed
-//!                                                             ▼
-//!                          StateMachine::apply ──► KvStore::apply (data + applied log id, one batch)
+//!  client write ──► Raft::client_write(Proposal) ──► LogStore::append (Wal) ──► flusher (fsync, grouped)
+//!                                                             │ committed           │ durable
+//!                                                             ▼                     ▼
+//!          StateMachine::apply (waits for durable) ──► KvStore write batch (data + applied log id)
 //! ```
+//!
+//! The leader's fsync runs while followers write theirs; what raft commits is applied and
+//! announced only once it is durable on the leader too (see [`log_store`]).
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes); boxing it here
 // would only add conversions at every trait boundary.
@@ -20,9 +23,9 @@ pub mod wal;
 use keyhold_store::{Error as StoreError, WriteRequest, WriteResponse};
 use serde::{Deserialize, Serialize};
 
-/// One raft entry's payload: the client writes the proposer batched while the previous entry
-/// was in flight (openraft 0.9 appends one entry per fsync, so batching here is the group
-/// commit). Each write gets its own revision, in order.
+/// One raft entry's payload: the client writes the proposer batched while earlier entries were
+/// in flight (fewer, larger entries: fewer appends, messages and apply calls per write). Each
+/// write gets its own revision, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     /// Writes, applied in order.

@@ -19,8 +19,9 @@ use openraft::raft::{
     SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::Snapshot;
-use openraft::{OptionalSend, Vote};
+use openraft::{LogId, OptionalSend, Vote};
 
+use super::log_store::{Durability, DurableLog};
 use super::{Member, TypeConfig};
 use crate::peer::wire::{self, PeerRequest, PeerResponse, SNAPSHOT_CHUNK_BYTES};
 use crate::peer::{PeerError, Peers};
@@ -29,6 +30,10 @@ use crate::peer::{PeerError, Peers};
 const SNAPSHOT_CHUNKS_AHEAD_MAX: usize = 4;
 /// How long a receiver may take to install a streamed snapshot before the sender gives up.
 const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long an AppendEntries waits for this leader's own fsync to reach the commit index it
+/// announces; past it, the message announces only what is durable (the next one carries the
+/// rest).
+const COMMIT_DURABLE_WAIT_MAX: Duration = Duration::from_millis(50);
 /// Retry backoff towards an unreachable peer: doubling from the first to the last.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -38,12 +43,18 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub struct Network {
     peers: Arc<Peers>,
     store: Arc<KvStore>,
+    durability: Arc<Durability>,
 }
 
 impl Network {
-    /// A network over `peers`, exporting snapshots from `store`.
-    pub fn new(peers: Arc<Peers>, store: Arc<KvStore>) -> Self {
-        Self { peers, store }
+    /// A network over `peers`, exporting snapshots from `store`; commits are announced only as
+    /// far as `durability` says this member's log is synced.
+    pub fn new(peers: Arc<Peers>, store: Arc<KvStore>, durability: Arc<Durability>) -> Self {
+        Self {
+            peers,
+            store,
+            durability,
+        }
     }
 }
 
@@ -53,6 +64,7 @@ pub struct PeerClient {
     addr: Option<SocketAddr>,
     peers: Arc<Peers>,
     store: Arc<KvStore>,
+    durability: Arc<Durability>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -64,8 +76,21 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.peer_addr(),
             peers: self.peers.clone(),
             store: self.store.clone(),
+            durability: self.durability.clone(),
         }
     }
+}
+
+/// The commit to announce when `commit` is not durable here yet: the last durable entry, which
+/// precedes it in this leader's log (none when that entry is not known, right after a
+/// truncation).
+fn durable_commit(commit: LogId<u64>, durable: DurableLog) -> Option<LogId<u64>> {
+    if durable.index >= commit.index {
+        return Some(commit);
+    }
+    durable
+        .last
+        .filter(|l| l.index == durable.index && *l <= commit)
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, Member, RaftError<u64, E>>;
@@ -130,9 +155,21 @@ impl Write for ChunkWriter {
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        // The leader's own fsync runs in parallel with replication (see `log_store`): a commit
+        // is announced only once this member's copy of it is durable.
+        if let Some(commit) = rpc.leader_commit {
+            let durability = &self.durability;
+            if durability.get().index < commit.index
+                && !durability
+                    .wait(commit.index, Some(COMMIT_DURABLE_WAIT_MAX))
+                    .await
+            {
+                rpc.leader_commit = durable_commit(commit, durability.get());
+            }
+        }
         match self.call(PeerRequest::AppendEntries(rpc), &option).await? {
             PeerResponse::AppendEntries(Ok(r)) => Ok(r),
             PeerResponse::AppendEntries(Err(e)) => {
@@ -250,5 +287,35 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             next = (next * 2).min(BACKOFF_MAX);
             Some(now)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn id(term: u64, index: u64) -> LogId<u64> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    #[test]
+    fn a_commit_is_announced_only_as_far_as_it_is_durable() {
+        // Durable past the commit: announced as is.
+        assert_eq!(
+            durable_commit(id(2, 5), DurableLog::at(7, Some(id(2, 7)))),
+            Some(id(2, 5))
+        );
+        assert_eq!(
+            durable_commit(id(2, 5), DurableLog::at(5, Some(id(2, 5)))),
+            Some(id(2, 5))
+        );
+        // Not yet: the last durable entry instead.
+        assert_eq!(
+            durable_commit(id(3, 9), DurableLog::at(6, Some(id(2, 6)))),
+            Some(id(2, 6))
+        );
+        // The durable entry is not known (right after a truncation): nothing.
+        assert_eq!(durable_commit(id(3, 9), DurableLog::at(6, None)), None);
     }
 }

@@ -199,6 +199,19 @@ impl Wal {
         Ok(file)
     }
 
+    /// Syncs every segment's data to disk.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn sync(&self) -> io::Result<()> {
+        let files: Vec<Arc<File>> = lock(&self.inner)
+            .segments
+            .values()
+            .map(|s| s.file.clone())
+            .collect();
+        files.iter().try_for_each(|f| f.sync_data())
+    }
+
     /// Reads the payloads of `[start, end)` that are present.
     ///
     /// # Errors
