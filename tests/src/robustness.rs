@@ -826,13 +826,7 @@ impl Injector {
         })
     }
 
-    async fn inject(
-        &self,
-        fault: Fault,
-        heal_after: Duration,
-        endpoints: &[String],
-        watches: &Watches,
-    ) {
+    async fn inject(&self, fault: Fault, heal_after: Duration, watches: &Watches) {
         let leader = self.with(|c| c.wait_leader(None));
         match fault {
             Fault::None => {}
@@ -925,12 +919,16 @@ impl Injector {
                 self.log("every member restarted".into());
             }
             Fault::MemberChurn => {
-                if let Err(e) = self.churn(leader, &endpoints[leader]).await {
+                // The member's own endpoint: `endpoints` are the clients' (proxies, with
+                // --proxies), not indexed by member.
+                let admin = self.with(|c| c.members[leader].endpoint());
+                if let Err(e) = self.churn(leader, &admin).await {
                     self.log(format!("FAILED member churn: {e}"));
                 }
             }
             Fault::Compaction => {
-                let Some(mut c) = connect(&endpoints[leader]).await else {
+                let admin = self.with(|c| c.members[leader].endpoint());
+                let Some(mut c) = connect(&admin).await else {
                     return;
                 };
                 let Ok(r) = c
@@ -1155,17 +1153,10 @@ pub async fn run(cfg: &RunConfig) -> Report {
         start,
     });
     let injecting = {
-        let (injector, endpoints, watch_set, fault) = (
-            injector.clone(),
-            endpoints.clone(),
-            watch_set.clone(),
-            cfg.fault,
-        );
+        let (injector, watch_set, fault) = (injector.clone(), watch_set.clone(), cfg.fault);
         tokio::spawn(async move {
             tokio::time::sleep(fault_at).await;
-            injector
-                .inject(fault, heal_after, &endpoints, &watch_set)
-                .await;
+            injector.inject(fault, heal_after, &watch_set).await;
         })
     };
     // A third watch joins mid-run from a recent revision.
