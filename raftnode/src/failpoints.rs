@@ -5,6 +5,10 @@
 //! - `drop-watch-event`: one watch response (the 20th with events) is silently not sent.
 //! - `early-lease-expiry`: the leader expires leases [`EARLY_LEASE_EXPIRY_MS`] before their
 //!   deadline.
+//!
+//! and one switched at run time, for one member only: `POST /debug/log-fsync-delay?ms=N` holds
+//! every fsync of this member's raft log back by N ms (0 ends it), so a test can show that a
+//! leader's writes reach the followers before its own fsync and show nowhere before it.
 
 /// How early `early-lease-expiry` expires a lease.
 pub const EARLY_LEASE_EXPIRY_MS: u64 = 1500;
@@ -24,6 +28,21 @@ pub fn enabled(name: &str) -> bool {
     })
     .iter()
     .any(|n| n == name)
+}
+
+#[cfg(feature = "failpoints")]
+static LOG_FSYNC_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How long the raft log flusher waits before each fsync (`/debug/log-fsync-delay`).
+#[cfg(feature = "failpoints")]
+pub fn log_fsync_delay() -> std::time::Duration {
+    std::time::Duration::from_millis(LOG_FSYNC_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// No fsync delay without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+pub fn log_fsync_delay() -> std::time::Duration {
+    std::time::Duration::ZERO
 }
 
 /// Whether failpoint `name` is on (always false without the `failpoints` feature).
@@ -66,8 +85,22 @@ pub fn router(node: std::sync::Arc<crate::node::Node>) -> axum::Router {
             (Err(e), _) | (_, Err(e)) => (StatusCode::BAD_REQUEST, e),
         }
     }
+    async fn log_fsync_delay(Query(q): Query<HashMap<String, String>>) -> (StatusCode, String) {
+        match q.get("ms").map(|v| v.parse::<u64>()) {
+            Some(Ok(ms)) => {
+                tracing::warn!(ms, "test fault: raft log fsyncs delayed");
+                LOG_FSYNC_DELAY_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+                (StatusCode::OK, format!("ms={ms}"))
+            }
+            _ => (StatusCode::BAD_REQUEST, "ms=<milliseconds> expected".into()),
+        }
+    }
     axum::Router::new()
         .route("/debug/peer-faults", axum::routing::post(peer_faults))
+        .route(
+            "/debug/log-fsync-delay",
+            axum::routing::post(log_fsync_delay),
+        )
         .with_state(node)
 }
 

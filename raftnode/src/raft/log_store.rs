@@ -177,6 +177,10 @@ fn write_err(e: impl std::fmt::Display) -> StorageError {
 /// Syncs each segment the batch wrote to once, then records the batch as durable and completes
 /// the callbacks in order.
 fn flush(batch: Vec<PendingFlush>, durability: &Durability) {
+    let delay = crate::failpoints::log_fsync_delay();
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
     let mut synced: Vec<*const File> = Vec::new();
     for pending in &batch {
         let ptr = Arc::as_ptr(&pending.file);

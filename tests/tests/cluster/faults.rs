@@ -194,3 +194,98 @@ async fn an_unrenewed_lease_keeps_its_remaining_ttl_across_a_leader_change() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The leader syncs its raft log while the followers sync theirs, and nothing it commits shows
+/// before its own copy is durable. With the leader's fsyncs held back (test-only switch), a write
+/// reaches a follower's log at once, yet no member serves it and the client has no answer until
+/// the leader's fsync completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_shows_only_once_the_leaders_own_copy_is_durable() {
+    const FSYNC_DELAY_MS: u64 = 4000;
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader(None);
+    let eps = cluster.endpoints();
+    let mut c = client(&eps[leader]).await;
+    // Members publish their names and client URLs through raft once they run: membership
+    // entries, whose appends wait for the fsync even on the leader. Let those settle first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = c.member_list().await.expect("member list");
+        if list.members().len() == 3 && list.members().iter().all(|m| !m.client_urls().is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", list.members());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = c.put("d", "before", None).await.expect("put");
+    let before = before.header().expect("header").revision();
+    wait_revision(&eps, before).await;
+    let follower = cluster.others(leader)[0];
+    let mut f = client(&eps[follower]).await;
+    let start = f.status().await.expect("status");
+    let (logged, term) = (start.raft_index(), start.raft_term());
+
+    let (code, body) = cluster.members[leader]
+        .http_post(&format!("/debug/log-fsync-delay?ms={FSYNC_DELAY_MS}"))
+        .expect("log-fsync-delay endpoint");
+    assert_eq!(code, 200, "log-fsync-delay: {body}");
+    let delayed = Instant::now();
+    let put = tokio::spawn(async move { c.put("d", "after", None).await });
+
+    // Replication does not wait for the leader's fsync: the entry reaches the follower's log.
+    let deadline = Instant::now() + Duration::from_millis(FSYNC_DELAY_MS / 2);
+    loop {
+        let s = f.status().await.expect("status");
+        // (A leader that waited for its own fsync before replicating would also stop sending
+        // heartbeats, and a follower would take over.)
+        assert_eq!(
+            s.raft_term(),
+            term,
+            "an election while the leader's fsync was held back"
+        );
+        if s.raft_index() > logged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write did not reach a follower's log while the leader's fsync was held back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // But it is committed by a quorum that includes the leader's durable copy only, so no
+    // member shows it yet and the client is still waiting.
+    for ep in &eps {
+        let r = client(ep)
+            .await
+            .get("d", Some(GetOptions::new().with_serializable()))
+            .await
+            .expect("serializable get");
+        assert_eq!(r.kvs()[0].value(), b"before", "{ep} served the write early");
+        assert_eq!(r.header().expect("header").revision(), before, "{ep}");
+    }
+    assert!(
+        delayed.elapsed() < Duration::from_millis(FSYNC_DELAY_MS),
+        "the checks took longer than the fsync delay; they proved nothing"
+    );
+    assert!(
+        !put.is_finished(),
+        "the write was answered before the leader's fsync"
+    );
+
+    let after = put.await.expect("put task").expect("put after the fsync");
+    let after = after.header().expect("header").revision();
+    assert!(delayed.elapsed() >= Duration::from_millis(FSYNC_DELAY_MS));
+    assert_eq!(after, before + 1);
+    cluster.members[leader]
+        .http_post("/debug/log-fsync-delay?ms=0")
+        .expect("log-fsync-delay endpoint");
+    wait_revision(&eps, after).await;
+    for ep in &eps {
+        let r = client(ep)
+            .await
+            .get("d", Some(GetOptions::new().with_serializable()))
+            .await
+            .expect("serializable get");
+        assert_eq!(r.kvs()[0].value(), b"after", "{ep}");
+    }
+}
