@@ -254,15 +254,11 @@ async fn a_write_shows_only_once_the_leaders_own_copy_is_durable() {
     }
     // But it is committed by a quorum that includes the leader's durable copy only, so no
     // member shows it yet and the client is still waiting.
-    for ep in &eps {
-        let r = client(ep)
-            .await
-            .get("d", Some(GetOptions::new().with_serializable()))
-            .await
-            .expect("serializable get");
-        assert_eq!(r.kvs()[0].value(), b"before", "{ep} served the write early");
-        assert_eq!(r.header().expect("header").revision(), before, "{ep}");
-    }
+    assert_eq!(
+        served(&eps, "d").await,
+        vec![(b"before".to_vec(), before); eps.len()],
+        "a member served the write early"
+    );
     assert!(
         delayed.elapsed() < Duration::from_millis(FSYNC_DELAY_MS),
         "the checks took longer than the fsync delay; they proved nothing"
@@ -280,12 +276,27 @@ async fn a_write_shows_only_once_the_leaders_own_copy_is_durable() {
         .http_post("/debug/log-fsync-delay?ms=0")
         .expect("log-fsync-delay endpoint");
     wait_revision(&eps, after).await;
-    for ep in &eps {
+    assert_eq!(
+        served(&eps, "d").await,
+        vec![(b"after".to_vec(), after); eps.len()]
+    );
+}
+
+/// What each member serves for `key` on a serializable read: its value and the header revision.
+async fn served(endpoints: &[String], key: &str) -> Vec<(Vec<u8>, i64)> {
+    let mut out = Vec::new();
+    for ep in endpoints {
         let r = client(ep)
             .await
-            .get("d", Some(GetOptions::new().with_serializable()))
+            .get(key, Some(GetOptions::new().with_serializable()))
             .await
             .expect("serializable get");
-        assert_eq!(r.kvs()[0].value(), b"after", "{ep}");
+        let value = r
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec())
+            .unwrap_or_default();
+        out.push((value, r.header().expect("header").revision()));
     }
+    out
 }
