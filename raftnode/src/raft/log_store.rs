@@ -124,7 +124,8 @@ impl Durability {
         });
     }
 
-    /// Entries from `from` on were removed (synchronously and durably, by the WAL).
+    /// Entries from `from` on were removed (synchronously and durably, by the WAL). The entries
+    /// before `from` are untouched, so what was durable of them stays durable.
     fn truncated(&self, from: u64) {
         self.state.send_modify(|d| {
             d.epoch += 1;
