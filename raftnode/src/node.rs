@@ -79,7 +79,7 @@ pub struct Node {
     /// Writes waiting for the proposer task.
     proposals: mpsc::Sender<Pending>,
     /// Linearizable reads waiting for a read index.
-    reads: mpsc::Sender<oneshot::Sender<Result<u64>>>,
+    reads: mpsc::Sender<ReadWaiter>,
     /// The peer plane.
     pub peers: Arc<Peers>,
     /// Held for writing while leadership is being moved (MoveLeader): proposals and read-index
@@ -281,11 +281,28 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
     }
 }
 
-/// Serves linearizable reads in rounds: every read queued when a round starts shares that
-/// round's read index (one quorum confirmation for many reads, as etcd batches ReadIndex). Up
-/// to `READ_ROUNDS_IN_FLIGHT_MAX` rounds overlap, so reads arriving during a round do not wait
-/// for it to end. A round only ever serves reads queued before it started.
-async fn read_indexer(router: Router, mut queue: mpsc::Receiver<oneshot::Sender<Result<u64>>>) {
+/// Who asked for a read index: a linearizable read on this member, or a follower's read
+/// (`PeerRequest::ReadIndex`), which only a leader may answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFor {
+    Local,
+    Follower,
+}
+
+/// A read waiting for a read index.
+type ReadWaiter = (ReadFor, oneshot::Sender<Result<u64>>);
+
+/// Serves read indexes in rounds: every read queued when a round starts shares that round's
+/// read index (one quorum confirmation for many reads, as etcd batches ReadIndex). Up to
+/// `READ_ROUNDS_IN_FLIGHT_MAX` rounds overlap, so reads arriving during a round do not wait for
+/// it to end. A round only ever serves reads queued before it started.
+///
+/// On the leader the followers' requests join the same rounds, so one heartbeat round confirms
+/// leadership for the reads of every member instead of one per follower request. A follower
+/// forwards its local reads; a follower's request that reaches a member that no longer leads
+/// is refused, never forwarded again (two members that each think the other leads would pass
+/// it back and forth).
+async fn read_indexer(router: Router, mut queue: mpsc::Receiver<ReadWaiter>) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(READ_ROUNDS_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -297,11 +314,27 @@ async fn read_indexer(router: Router, mut queue: mpsc::Receiver<oneshot::Sender<
         }
         let router = router.clone();
         tokio::spawn(async move {
-            let index = {
-                let _open = router.gate.read().await;
+            let _open = router.gate.read().await;
+            let index = if router.leader() == Some(router.me) {
+                leader_read_index(&router.raft).await
+            } else {
+                let refused = match router.leader() {
+                    Some(_) => Error::LeaderChanged,
+                    None => Error::NoLeader,
+                };
+                let (local, followers): (Vec<_>, Vec<_>) = std::mem::take(&mut waiters)
+                    .into_iter()
+                    .partition(|(from, _)| *from == ReadFor::Local);
+                for (_, w) in followers {
+                    let _ = w.send(Err(refused.clone()));
+                }
+                waiters = local;
+                if waiters.is_empty() {
+                    return;
+                }
                 router.read_index().await
             };
-            for w in waiters {
+            for (_, w) in waiters {
                 let _ = w.send(index.clone());
             }
             drop(permit);
@@ -377,7 +410,10 @@ impl Node {
         self.refuse_learner()?;
         let barrier = async {
             let (tx, rx) = oneshot::channel();
-            self.reads.send(tx).await.map_err(|_| Error::Stopped)?;
+            self.reads
+                .send((ReadFor::Local, tx))
+                .await
+                .map_err(|_| Error::Stopped)?;
             let index = rx.await.map_err(|_| Error::Stopped)??;
             self.router().wait_applied(index).await
         };
@@ -471,8 +507,12 @@ impl Node {
     /// # Errors
     /// `LeaderChanged`, `NoLeader`, `Timeout`.
     pub async fn lead_read_index(&self) -> Result<u64> {
-        let _open = self.transfer_gate.read().await;
-        leader_read_index(&self.raft).await
+        let (tx, rx) = oneshot::channel();
+        self.reads
+            .send((ReadFor::Follower, tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
     }
 
     /// Moves leadership to voter `target` (etcd's MoveLeader). openraft 0.9 has no TimeoutNow,
