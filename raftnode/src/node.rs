@@ -246,11 +246,11 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = postcard::to_allocvec(&first.0).map_or(0, |v| v.len());
+        let mut bytes = postcard::experimental::serialized_size(&first.0).unwrap_or(0);
         let mut batch = vec![first];
         while batch.len() < PROPOSAL_WRITES_MAX && bytes < PROPOSAL_BYTES_MAX {
             let Ok(next) = queue.try_recv() else { break };
-            bytes += postcard::to_allocvec(&next.0).map_or(0, |v| v.len());
+            bytes += postcard::experimental::serialized_size(&next.0).unwrap_or(0);
             batch.push(next);
         }
         let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();

@@ -112,8 +112,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Encodes `v` into a buffer sized up front (a growing one would be copied as it grows).
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    Ok(postcard::to_allocvec(v)?)
+    let len = postcard::experimental::serialized_size(v)?;
+    Ok(postcard::to_extend(v, Vec::with_capacity(len))?)
 }
 
 fn decode<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Result<T> {

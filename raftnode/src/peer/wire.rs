@@ -160,7 +160,9 @@ pub enum FrameError {
     Decode(String),
 }
 
-/// Writes one frame.
+/// Writes one frame. The length prefix and the message go to the stream as one chunk, sized
+/// up front: two writes could leave as two packets, and a growing buffer would be copied as it
+/// grows.
 ///
 /// # Errors
 /// When the stream fails or the message is too large.
@@ -168,8 +170,17 @@ pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let body = postcard::to_allocvec(msg).map_err(|e| FrameError::Decode(e.to_string()))?;
-    write_raw(send, &body).await
+    let encode_err = |e: postcard::Error| FrameError::Decode(e.to_string());
+    let len = postcard::experimental::serialized_size(msg).map_err(encode_err)?;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    let frame = postcard::to_extend(msg, frame).map_err(encode_err)?;
+    send.write_chunk(frame.into())
+        .await
+        .map_err(|e| FrameError::Stream(e.to_string()))
 }
 
 /// Writes one frame of raw bytes.
@@ -180,11 +191,10 @@ pub async fn write_raw(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), 
     if body.len() > FRAME_BYTES_MAX {
         return Err(FrameError::TooLarge(body.len()));
     }
-    let len = (body.len() as u32).to_be_bytes();
-    send.write_all(&len)
-        .await
-        .map_err(|e| FrameError::Stream(e.to_string()))?;
-    send.write_all(body)
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    send.write_chunk(frame.into())
         .await
         .map_err(|e| FrameError::Stream(e.to_string()))
 }

@@ -97,9 +97,11 @@ pub const META_PARTIAL: &[u8] = b"raft/partial";
 /// Meta key of the last applied membership.
 pub const META_MEMBERSHIP: &[u8] = b"raft/membership";
 
+/// Encodes `v` into a buffer sized up front (a growing one would be copied as it grows).
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain owned data into a Vec cannot fail.
-    postcard::to_allocvec(v).unwrap_or_default()
+    let len = postcard::experimental::serialized_size(v).unwrap_or_default();
+    postcard::to_extend(v, Vec::with_capacity(len)).unwrap_or_default()
 }
 
 #[cfg(test)]
