@@ -415,12 +415,7 @@ impl Node {
     pub async fn read_barrier(&self) -> Result<()> {
         self.refuse_learner()?;
         let barrier = async {
-            let (tx, rx) = oneshot::channel();
-            self.reads
-                .send((ReadFor::Local, tx))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            let index = rx.await.map_err(|_| Error::Stopped)??;
+            let index = self.queue_read(ReadFor::Local).await?;
             self.router().wait_applied(index).await
         };
         match tokio::time::timeout(self.request_timeout(), barrier).await {
@@ -513,9 +508,14 @@ impl Node {
     /// # Errors
     /// `LeaderChanged`, `NoLeader`, `Timeout`.
     pub async fn lead_read_index(&self) -> Result<u64> {
+        self.queue_read(ReadFor::Follower).await
+    }
+
+    /// The read index of the next read-index round (see [`read_indexer`]).
+    async fn queue_read(&self, from: ReadFor) -> Result<u64> {
         let (tx, rx) = oneshot::channel();
         self.reads
-            .send((ReadFor::Follower, tx))
+            .send((from, tx))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
