@@ -318,6 +318,35 @@ pub enum WriteRequest {
     },
 }
 
+impl WriteRequest {
+    /// Whether applying this request touches only keys it names one by one: no key range (in
+    /// an operation or a comparison), no history scan, no lease's whole key set. Its cost is
+    /// then bounded by its size, so the caller may apply it without leaving an async worker.
+    pub fn is_point(&self) -> bool {
+        fn op(op: &RequestOp) -> bool {
+            match op {
+                RequestOp::Range(r) => r.range_end.is_empty(),
+                RequestOp::Put(_) => true,
+                RequestOp::DeleteRange(d) => d.range_end.is_empty(),
+                RequestOp::Txn(t) => txn(t),
+            }
+        }
+        fn txn(t: &TxnRequest) -> bool {
+            t.compare.iter().all(|c| c.range_end.is_empty())
+                && t.success.iter().chain(&t.failure).all(op)
+        }
+        match self {
+            Self::Put(_)
+            | Self::LeaseGrant { .. }
+            | Self::LeaseCheckpoint { .. }
+            | Self::Alarm { .. } => true,
+            Self::DeleteRange(d) => d.range_end.is_empty(),
+            Self::Txn(t) => txn(t),
+            Self::Compact { .. } | Self::LeaseRevoke { .. } => false,
+        }
+    }
+}
+
 /// Result of a [`WriteRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteResponse {
@@ -358,6 +387,56 @@ pub enum WriteResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn point_requests_name_each_key_they_touch() {
+        let put = || PutRequest {
+            key: b"k".to_vec(),
+            ..PutRequest::default()
+        };
+        let delete = |range_end: &[u8]| DeleteRangeRequest {
+            key: b"a".to_vec(),
+            range_end: range_end.to_vec(),
+            prev_kv: false,
+        };
+        let range = |range_end: &[u8]| RangeRequest {
+            key: b"a".to_vec(),
+            range_end: range_end.to_vec(),
+            ..RangeRequest::default()
+        };
+        let txn = |compare_end: &[u8], success: Vec<RequestOp>| {
+            WriteRequest::Txn(TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal,
+                    target: CompareTarget::Version(0),
+                    key: b"a".to_vec(),
+                    range_end: compare_end.to_vec(),
+                }],
+                success,
+                failure: vec![RequestOp::Put(put())],
+            })
+        };
+        assert!(WriteRequest::Put(put()).is_point());
+        assert!(WriteRequest::DeleteRange(delete(b"")).is_point());
+        assert!(!WriteRequest::DeleteRange(delete(b"z")).is_point());
+        assert!(
+            txn(
+                b"",
+                vec![RequestOp::Range(range(b"")), RequestOp::Put(put())]
+            )
+            .is_point()
+        );
+        assert!(!txn(b"z", vec![]).is_point());
+        assert!(!txn(b"", vec![RequestOp::Range(range(b"\0"))]).is_point());
+        let nested = txn(b"", vec![RequestOp::DeleteRange(delete(b"z"))]);
+        let WriteRequest::Txn(nested) = nested else {
+            unreachable!("built as a txn")
+        };
+        assert!(!txn(b"", vec![RequestOp::Txn(nested)]).is_point());
+        assert!(WriteRequest::LeaseGrant { id: 1, ttl: 5 }.is_point());
+        assert!(!WriteRequest::LeaseRevoke { id: 1 }.is_point());
+        assert!(!WriteRequest::Compact { revision: 3 }.is_point());
+    }
 
     /// `KeyValue` as it was encoded before its byte fields were marked `serde_bytes`.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

@@ -25,8 +25,10 @@ const SNAP_DATA: &str = "current.data";
 const SNAP_META: &str = "current.meta";
 const SNAP_INCOMING: &str = "incoming.data";
 
-/// Writes up to which a call to `apply` runs on the async worker instead of a blocking thread.
-const APPLY_INLINE_WRITES_MAX: usize = 16;
+/// Writes up to which a call to `apply` whose writes all name their keys one by one
+/// ([`WriteRequest::is_point`]) runs on the async worker instead of a blocking thread (about
+/// 1,000 puts take a few milliseconds).
+const APPLY_INLINE_WRITES_MAX: usize = 1024;
 
 /// State machine over the shared store.
 #[derive(Clone)]
@@ -253,17 +255,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         {
             return Err(sm_err("the raft log flusher stopped"));
         }
-        // A few writes apply in less time than two thread hand-offs take, so they run here; a
-        // larger run goes to a blocking thread in one hand-off (not `block_in_place`, which
-        // moves this worker's whole core to another thread on every call).
-        let writes: usize = entries
-            .iter()
-            .map(|e| match &e.payload {
-                EntryPayload::Normal(p) => p.writes.len(),
-                _ => 1,
-            })
-            .sum();
-        if writes <= APPLY_INLINE_WRITES_MAX {
+        // Point writes apply in about the time two thread hand-offs take, so a bounded run of
+        // them runs here. A larger run, or one with a write whose cost has no bound (a range
+        // delete, a compaction, a lease revoke), goes to a blocking thread in one hand-off (not
+        // `block_in_place`, which moves this worker's whole core to another thread each call).
+        let mut writes = 0;
+        let mut points = true;
+        for entry in &entries {
+            if let EntryPayload::Normal(p) = &entry.payload {
+                writes += p.writes.len();
+                points &= p.writes.iter().all(WriteRequest::is_point);
+            }
+        }
+        if points && writes <= APPLY_INLINE_WRITES_MAX {
             return apply_entries(&store, &compacted, now_ms, entries);
         }
         tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
