@@ -45,6 +45,13 @@ const META_FORMAT: &[u8] = b"format";
 /// On-disk format of this store; bumped on incompatible layout changes.
 const FORMAT_VERSION: &[u8] = b"keyhold-store-1";
 
+/// Sealed memtables in one keyspace from which [`KvStore::write_may_stall`] says yes (fjall
+/// halts writes at 4).
+const SEALED_MEMTABLES_NEAR_STALL: usize = 2;
+/// Level-0 tables in one keyspace from which [`KvStore::write_may_stall`] says yes (fjall
+/// stalls writes from 20 level-0 runs; a run holds one table or more).
+const L0_TABLES_NEAR_STALL: usize = 16;
+
 /// Index entry flag values.
 const INDEX_LIVE: u8 = 0;
 const INDEX_TOMBSTONE: u8 = 1;
@@ -244,6 +251,16 @@ impl KvStore {
     /// The underlying database (the raft layer keeps its log in the same one).
     pub fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// Whether a write now may be held back by fjall's backpressure, which sleeps in the
+    /// writing thread (for 100 ms at a time from 4 sealed memtables in a keyspace, and from 20
+    /// level-0 runs). A caller on an async worker then hands its writes to a blocking thread.
+    pub fn write_may_stall(&self) -> bool {
+        self.keyspaces().iter().any(|ks| {
+            ks.sealed_memtable_count() >= SEALED_MEMTABLES_NEAR_STALL
+                || ks.l0_table_count() >= L0_TABLES_NEAR_STALL
+        })
     }
 
     /// Current store revision (1 on an empty store).

@@ -256,9 +256,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Err(sm_err("the raft log flusher stopped"));
         }
         // Point writes apply in about the time two thread hand-offs take, so a bounded run of
-        // them runs here. A larger run, or one with a write whose cost has no bound (a range
-        // delete, a compaction, a lease revoke), goes to a blocking thread in one hand-off (not
-        // `block_in_place`, which moves this worker's whole core to another thread each call).
+        // them runs here. A larger run, one with a write whose cost has no bound (a range
+        // delete, a compaction, a lease revoke), or any run while fjall may throttle writes
+        // goes to a blocking thread in one hand-off (not `block_in_place`, which moves this
+        // worker's whole core to another thread each call).
         let mut writes = 0;
         let mut points = true;
         for entry in &entries {
@@ -267,7 +268,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 points &= p.writes.iter().all(WriteRequest::is_point);
             }
         }
-        if points && writes <= APPLY_INLINE_WRITES_MAX {
+        if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall() {
             return apply_entries(&store, &compacted, now_ms, entries);
         }
         tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
