@@ -23,10 +23,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     keyhold_proxy::http::install_metrics();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyhold-proxy: cannot start runtime: {e}");
@@ -40,6 +37,19 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime: tokio's multi-threaded scheduler without its LIFO slot, so the gRPC
+/// responses that become ready together leave in one write per connection (see `runtime` in
+/// raftnode/src/main.rs). Needs `--cfg tokio_unstable`, set in `.cargo/config.toml`.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    #[cfg(not(tokio_unstable))]
+    tracing::info!("built without --cfg tokio_unstable: the runtime keeps its LIFO slot");
+    builder.build()
 }
 
 async fn shutdown_signal() {
