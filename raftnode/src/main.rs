@@ -63,8 +63,9 @@ fn main() -> std::process::ExitCode {
 /// apply completes a batch of writes, each gRPC handler that finishes wakes its HTTP/2
 /// connection task, which then runs before the next handler and flushes that one response in a
 /// write of its own. Without it, the handlers of a batch finish first and the connection task
-/// sends their responses together: at 256 clients a member made 0.7 TCP writes per put before
-/// and about 0.15 after, and a 3-member cluster served 15–30% more puts (BENCHMARKS.md).
+/// sends their responses together: at 256 clients a 3-member cluster made 0.70 TCP writes per
+/// put before and 0.16 after, and its CPU per put fell from 79–103 µs to 69–71 µs
+/// (BENCHMARKS.md).
 /// `disable_lifo_slot` needs `--cfg tokio_unstable` (set in `.cargo/config.toml`); a build
 /// without it keeps the slot and says so at startup.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
