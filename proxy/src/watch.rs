@@ -11,8 +11,7 @@
 //! ```
 //!
 //! A watcher is a few fields in its stream's task, not a task of its own: an idle watcher costs
-//! about 550 bytes of resident memory with the system allocator, and about 1 KB with mimalloc,
-//! which the binary uses (BENCHMARKS.md).
+//! about 600 bytes of resident memory (BENCHMARKS.md).
 //!
 //! A group knows `next_rev`, the first revision it has not delivered yet. A watcher joins at
 //! `join = next_rev` (taken under the group lock, so it sees exactly the events from `join`);
