@@ -321,10 +321,11 @@ async fn read_indexer(router: Router, mut queue: mpsc::Receiver<ReadWaiter>) {
         let router = router.clone();
         tokio::spawn(async move {
             let _open = router.gate.read().await;
-            let index = if router.leader() == Some(router.me) {
+            let leader = router.leader();
+            let index = if leader == Some(router.me) {
                 leader_read_index(&router.raft).await
             } else {
-                let refused = match router.leader() {
+                let refused = match leader {
                     Some(_) => Error::LeaderChanged,
                     None => Error::NoLeader,
                 };
