@@ -11,6 +11,9 @@
 //! - `meta`: current and compact revision, alarms, and opaque entries of the raft layer (applied
 //!   log id) that are written in the same batch as the data they cover.
 //!
+//! Beside them, the writer keeps every live key's revisions, version and lease in memory (see
+//! `live_index`), so a put reads the previous value only when something asks for it.
+//!
 //! Readers use a fjall snapshot, so a range sees one revision even while writes are applied. The
 //! single writer is a [`WriteBatch`] (or [`KvStore::apply`], a batch of one): each commits
 //! exactly one fjall batch however many revisions it holds (plus, for a compaction, bounded
@@ -26,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::keys::{self, KeyEnd, KeyRange};
 use crate::lease::{LeaseRecord, Lessor};
 use crate::limits;
+use crate::live_index::{LiveIndex, LiveKey};
 use crate::revision::Revision;
 use crate::types::*;
 use crate::watch::WatchHub;
@@ -61,6 +65,31 @@ const INDEX_TOMBSTONE: u8 = 1;
 struct HistoryRecord {
     kv: KeyValue,
     tombstone: bool,
+}
+
+/// The fields of an encoded [`KeyValue`] the live index keeps, read without copying the key or
+/// value (same fields in the same order: postcard decodes by position).
+#[derive(serde::Deserialize)]
+struct KeyValueHead<'a> {
+    #[serde(borrow)]
+    _key: &'a [u8],
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
+    #[serde(borrow)]
+    _value: &'a [u8],
+    lease: i64,
+}
+
+impl KeyValueHead<'_> {
+    fn live(&self) -> LiveKey {
+        LiveKey {
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            lease: self.lease,
+        }
+    }
 }
 
 /// Options when opening a store.
@@ -105,8 +134,9 @@ pub struct KvStore {
     lease_keys: Keyspace,
     meta: Keyspace,
     options: StoreOptions,
-    /// Held by the single writer for the whole apply, so writes are serial.
-    writer: Mutex<()>,
+    /// Held by the single writer for the whole apply, so writes are serial; it guards what
+    /// only the writer reads.
+    writer: Mutex<LiveIndex>,
     state: Mutex<State>,
     hub: Mutex<WatchHub>,
     /// History entries removed by compaction since the last [`KvStore::reclaim_compacted`].
@@ -173,7 +203,7 @@ impl KvStore {
             meta: ks(KS_META)?,
             db,
             options,
-            writer: Mutex::new(()),
+            writer: Mutex::new(LiveIndex::default()),
             state: Mutex::new(State {
                 lessor: Lessor::default(),
                 alarms: BTreeSet::new(),
@@ -207,7 +237,7 @@ impl KvStore {
         ]
     }
 
-    /// Rebuilds in-memory state (lessor, alarms, watch hub revision) after an import.
+    /// Rebuilds in-memory state (live index, lessor, alarms, watch hub revision) after an import.
     pub(crate) fn reload(&self) -> Result<()> {
         *lock(&self.state) = State {
             lessor: Lessor::default(),
@@ -217,6 +247,8 @@ impl KvStore {
     }
 
     fn recover(&self) -> Result<()> {
+        let mut index = lock(&self.writer);
+        *index = self.load_live_index()?;
         let mut state = lock(&self.state);
         for item in self.lease.iter() {
             let (k, v) = item.into_inner()?;
@@ -244,6 +276,52 @@ impl KvStore {
         let scheduled = i64_at(self.meta.get(META_COMPACT_SCHEDULED)?)?;
         if scheduled > i64_at(self.meta.get(META_COMPACT)?)? {
             self.run_compaction(scheduled)?;
+        }
+        drop(index);
+        Ok(())
+    }
+
+    /// Reads every live key's revisions, version and lease from `kv_latest`, without copying
+    /// values.
+    fn load_live_index(&self) -> Result<LiveIndex> {
+        let mut index = LiveIndex::with_capacity(self.latest.approximate_len());
+        for item in self.latest.iter() {
+            let (key, value) = item.into_inner()?;
+            let head: KeyValueHead<'_> = decode(&value)?;
+            index.insert(&key, head.live());
+        }
+        Ok(index)
+    }
+
+    /// Checks the writer's live index against `kv_latest`, key by key (for tests and
+    /// debugging: it reads every live key).
+    ///
+    /// # Errors
+    /// `Storage` naming the first difference, or on read failure.
+    pub fn check_live_index(&self) -> Result<()> {
+        let index = lock(&self.writer);
+        let mut n = 0;
+        for item in self.latest.iter() {
+            let (key, value) = item.into_inner()?;
+            let want = LiveKey::of(&decode(&value)?);
+            if index.get(&key) != Some(want) {
+                return Err(Error::Storage(format!(
+                    "live index has {:?} for key {:?}, kv_latest has {want:?}",
+                    index.get(&key),
+                    String::from_utf8_lossy(&key)
+                )));
+            }
+            n += 1;
+        }
+        if index.len() != n {
+            let extra = index
+                .iter()
+                .find(|(k, _)| matches!(self.latest.get(k), Ok(None)))
+                .map(|(k, _)| String::from_utf8_lossy(k).into_owned());
+            return Err(Error::Storage(format!(
+                "live index holds {} keys, kv_latest {n} (for example {extra:?})",
+                index.len()
+            )));
         }
         Ok(())
     }
@@ -499,13 +577,15 @@ impl KvStore {
     /// # Errors
     /// `Storage` when the current revision cannot be read.
     pub fn write_batch(&self, now_ms: u64) -> Result<WriteBatch<'_>> {
-        let writer = lock(&self.writer);
+        let index = lock(&self.writer);
         let current = self.current_revision()?;
+        // A watcher that asks for `prev_kv` after this and sees this batch catches up from
+        // history instead (see `WatchHub::notify`).
+        let with_prev = lock(&self.hub).wants_prev_kv();
         Ok(WriteBatch {
-            txn: WriteTxn::new(self, current, now_ms),
+            txn: WriteTxn::new(self, index, current, now_ms, with_prev),
             applied: 0,
             sealed: false,
-            _writer: writer,
         })
     }
 
@@ -837,7 +917,6 @@ pub struct WriteBatch<'a> {
     applied: usize,
     /// Set by a request that must be applied alone: nothing else may join.
     sealed: bool,
-    _writer: MutexGuard<'a, ()>,
 }
 
 impl WriteBatch<'_> {
@@ -871,14 +950,15 @@ impl WriteBatch<'_> {
     /// `Storage`: the node must stop.
     pub fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<()> {
         let store = self.txn.store;
-        let (revisions, compact_to) = self.txn.commit(meta)?;
-        if !revisions.is_empty() {
+        let committed = self.txn.commit(meta)?;
+        // Still under the writer lock, so revisions reach the hub in order.
+        if !committed.revisions.is_empty() {
             let mut hub = lock(&store.hub);
-            for (rev, events) in &revisions {
-                hub.notify(*rev, events);
+            for (rev, events) in &committed.revisions {
+                hub.notify(*rev, events, committed.with_prev);
             }
         }
-        if let Some(rev) = compact_to {
+        if let Some(rev) = committed.compact_to {
             store.run_compaction(rev)?;
         }
         Ok(())
@@ -906,6 +986,16 @@ fn joins_batch(req: &WriteRequest) -> bool {
 /// Each revision a batch made, in order, with its events (what the watch hub is handed).
 type RevisionEvents = Vec<(i64, Vec<Event>)>;
 
+/// A committed [`WriteTxn`]: what is left to do, under the writer lock it still holds.
+struct Committed<'a> {
+    revisions: RevisionEvents,
+    /// Whether put events carry the previous value (`Event::prev_kv`).
+    with_prev: bool,
+    /// The revision to compact to, when a compaction was applied.
+    compact_to: Option<i64>,
+    _writer: MutexGuard<'a, LiveIndex>,
+}
+
 /// A fjall batch operation: keyspace, key, and the value (`None` removes).
 type BatchOp<'a> = (&'a Keyspace, Vec<u8>, Option<Vec<u8>>);
 
@@ -914,6 +1004,10 @@ type BatchOp<'a> = (&'a Keyspace, Vec<u8>, Option<Vec<u8>>);
 /// through. A failed request is rolled back to where it started.
 struct WriteTxn<'a> {
     store: &'a KvStore,
+    /// The committed live keys; `overlay` holds what the batch changed on top.
+    index: MutexGuard<'a, LiveIndex>,
+    /// Fill put events' `prev_kv` (a watcher asks for it): read each put's previous value.
+    with_prev: bool,
     ops: Vec<BatchOp<'a>>,
     /// Revision in the store before the batch.
     base: i64,
@@ -938,9 +1032,17 @@ struct WriteTxn<'a> {
 }
 
 impl<'a> WriteTxn<'a> {
-    fn new(store: &'a KvStore, begin: i64, now_ms: u64) -> Self {
+    fn new(
+        store: &'a KvStore,
+        index: MutexGuard<'a, LiveIndex>,
+        begin: i64,
+        now_ms: u64,
+        with_prev: bool,
+    ) -> Self {
         Self {
             store,
+            index,
+            with_prev,
             ops: Vec::new(),
             base: begin,
             begin,
@@ -1033,6 +1135,14 @@ impl<'a> WriteTxn<'a> {
             .alarms
             .iter()
             .any(|a| a.alarm == alarm)
+    }
+
+    /// The key's revisions, version and lease as the batch sees them, without its value.
+    fn live_key(&self, key: &[u8]) -> Option<LiveKey> {
+        match self.overlay.get(key) {
+            Some(kv) => kv.as_ref().map(LiveKey::of),
+            None => self.index.get(key),
+        }
     }
 
     fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>> {
@@ -1152,7 +1262,9 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    fn write_kv(&mut self, kv: KeyValue, prev: Option<KeyValue>) -> Result<()> {
+    /// Writes `kv` over a key whose lease was `old_lease` (0 when none or new); `prev` is the
+    /// event's `prev_kv`.
+    fn write_kv(&mut self, kv: KeyValue, old_lease: i64, prev: Option<KeyValue>) -> Result<()> {
         let rev = Revision::new(self.begin + 1, self.sub);
         self.sub += 1;
         let store = self.store;
@@ -1165,7 +1277,6 @@ impl<'a> WriteTxn<'a> {
             vec![INDEX_LIVE],
         );
         self.insert(&store.latest, kv.key.clone(), latest);
-        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != kv.lease {
             if old_lease != 0 {
                 self.remove(&store.lease_keys, lease_key(old_lease, &kv.key));
@@ -1186,34 +1297,38 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse> {
-        let prev = self.get_latest(&p.key)?;
-        if (p.ignore_value || p.ignore_lease) && prev.is_none() {
+        let live = self.live_key(&p.key);
+        if (p.ignore_value || p.ignore_lease) && live.is_none() {
             return Err(Error::KeyNotFound);
         }
-        let value = if p.ignore_value {
-            prev.as_ref().map(|kv| kv.value.clone()).unwrap_or_default()
-        } else {
-            p.value.clone()
+        // The previous value only when something needs it: most puts do not.
+        let prev = match live {
+            Some(_) if p.ignore_value || p.prev_kv || self.with_prev => Some(
+                self.get_latest(&p.key)?
+                    .ok_or_else(|| bad("live index: a live key without a latest value"))?,
+            ),
+            _ => None,
         };
-        let lease = if p.ignore_lease {
-            prev.as_ref().map_or(0, |kv| kv.lease)
-        } else {
-            p.lease
+        let value = match &prev {
+            Some(prev) if p.ignore_value => prev.value.clone(),
+            _ => p.value.clone(),
         };
+        let old_lease = live.map_or(0, |l| l.lease);
+        let lease = if p.ignore_lease { old_lease } else { p.lease };
         if lease != 0 && !self.lease_exists(lease) {
             return Err(Error::LeaseNotFound);
         }
         let rev = self.begin + 1;
         let kv = KeyValue {
             key: p.key.clone(),
-            create_revision: prev.as_ref().map_or(rev, |kv| kv.create_revision),
+            create_revision: live.map_or(rev, |l| l.create_revision),
             mod_revision: rev,
-            version: prev.as_ref().map_or(0, |kv| kv.version) + 1,
+            version: live.map_or(0, |l| l.version) + 1,
             value,
             lease,
         };
         let prev_kv = if p.prev_kv { prev.clone() } else { None };
-        self.write_kv(kv, prev)?;
+        self.write_kv(kv, old_lease, prev)?;
         Ok(PutResponse {
             revision: rev,
             prev_kv,
@@ -1321,6 +1436,20 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn compare(&self, c: &Compare) -> Result<bool> {
+        if c.range_end.is_empty() && !matches!(c.target, CompareTarget::Value(_)) {
+            // One key's revisions, version or lease (what optimistic-concurrency txns such as
+            // Kubernetes' compare): the live index answers without reading the value.
+            let kv = self
+                .live_key(&c.key)
+                .map_or_else(KeyValue::default, |l| KeyValue {
+                    create_revision: l.create_revision,
+                    mod_revision: l.mod_revision,
+                    version: l.version,
+                    lease: l.lease,
+                    ..KeyValue::default()
+                });
+            return Ok(compare_kv(c, &kv));
+        }
         let range = KeyRange::new(&c.key, &c.range_end);
         // Earlier requests of the batch are visible; this txn has written nothing yet.
         let kvs = latest_with_overlay(&self.view(), &range, &self.overlay)?;
@@ -1358,7 +1487,7 @@ impl<'a> WriteTxn<'a> {
 
     /// Commits every op and `meta` in one fjall batch and updates the in-memory state; returns
     /// each new revision's events and the revision to compact to, if a compaction was applied.
-    fn commit(self, meta: &[(&[u8], &[u8])]) -> Result<(RevisionEvents, Option<i64>)> {
+    fn commit(mut self, meta: &[(&[u8], &[u8])]) -> Result<Committed<'a>> {
         let store = self.store;
         // Sized up front: a batch holds thousands of items, and growing it copies them. Buffer
         // durability is what `Database::batch` sets (the raft log is the durable record).
@@ -1393,6 +1522,9 @@ impl<'a> WriteTxn<'a> {
             }
         }
         batch.commit()?;
+        for (key, kv) in self.overlay {
+            self.index.set(key, kv.as_ref());
+        }
         let mut state = lock(&store.state);
         if let Some((id, rec)) = self.lease_grant {
             state.lessor.insert(id, rec, self.now_ms);
@@ -1413,7 +1545,12 @@ impl<'a> WriteTxn<'a> {
         if let Some(alarms) = self.alarms {
             state.alarms = alarms;
         }
-        Ok((self.revisions, self.compact))
+        Ok(Committed {
+            revisions: self.revisions,
+            with_prev: self.with_prev,
+            compact_to: self.compact,
+            _writer: self.index,
+        })
     }
 }
 
@@ -1625,5 +1762,21 @@ mod tests {
         let built = live_history_record(&encode(&kv).expect("encode"));
         assert_eq!(built, encode(&record).expect("encode"));
         assert_eq!(decode::<HistoryRecord>(&built).expect("decode"), record);
+    }
+
+    /// The live index reads the fields it keeps straight from an encoded value.
+    #[test]
+    fn key_value_head_reads_the_encoded_fields() {
+        let kv = KeyValue {
+            key: b"key".to_vec(),
+            create_revision: 3,
+            mod_revision: 9,
+            version: 2,
+            value: vec![7; 300],
+            lease: -5,
+        };
+        let encoded = encode(&kv).expect("encode");
+        let head: KeyValueHead<'_> = decode(&encoded).expect("decode");
+        assert_eq!(head.live(), LiveKey::of(&kv));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`keys`]: key-range conventions (`range_end`, prefixes) and the index key encoding.
 //! - [`revision`]: `(main, sub)` revisions and their byte encoding.
 //! - [`watch`]: the watch hub (synced/unsynced watchers, delivery of committed revisions).
+//! - `live_index`: every live key's revisions, version and lease in memory (the writer's lookup).
 //! - [`lease`]: the lessor (attached keys, primary-only expiry, checkpoints).
 //! - [`snapshot`]: full-state export/import for raft snapshots.
 //! - [`limits`]: every named bound.
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod kv_store;
 pub mod lease;
 pub mod limits;
+mod live_index;
 pub mod revision;
 pub mod snapshot;
 pub mod types;

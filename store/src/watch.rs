@@ -14,6 +14,10 @@
 //! owner has read past the last revision the hub notified, so no revision is skipped or repeated.
 //! A sink that refuses an offer makes its watcher unsynced instead of dropping events: slow
 //! consumers are delayed, never lossy, and memory stays bounded by the sink's own queue.
+//!
+//! Put events carry the previous value only while some watcher asks for `prev_kv`
+//! ([`WatchHub::wants_prev_kv`]; the writer reads it then). A `prev_kv` watcher offered a
+//! revision written without it is made unsynced the same way, and history gives it the values.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,10 +32,15 @@ pub type WatcherId = u64;
 pub trait WatchSink: Send + Sync {
     /// Offers one revision's events for watcher `id`; `false` means "full, not taken".
     fn offer(&self, id: WatcherId, revision: i64, events: Vec<Event>) -> bool;
+
+    /// Watcher `id` was made unsynced without an offer: its owner must replay history.
+    fn resync(&self, id: WatcherId);
 }
 
 struct Watcher {
     range: KeyRange,
+    /// Wants each put's previous value.
+    prev_kv: bool,
     next_rev: i64,
     synced: bool,
     sink: Arc<dyn WatchSink>,
@@ -51,6 +60,8 @@ pub enum SyncState {
 /// Registry of watchers (see the module docs).
 pub struct WatchHub {
     watchers: HashMap<WatcherId, Watcher>,
+    /// Watchers with `prev_kv`.
+    prev_kv_watchers: usize,
     last_notified: i64,
     next_id: WatcherId,
 }
@@ -59,6 +70,7 @@ impl WatchHub {
     pub(crate) fn new(current_revision: i64) -> Self {
         Self {
             watchers: HashMap::new(),
+            prev_kv_watchers: 0,
             last_notified: current_revision,
             next_id: 1,
         }
@@ -69,12 +81,19 @@ impl WatchHub {
         self.last_notified
     }
 
-    /// Adds a watcher. `start_revision` 0 means "from the next revision". Returns its id and
-    /// its first revision to deliver; the watcher is synced iff that revision is in the future.
+    /// Whether put events must carry the previous value: some watcher asks for `prev_kv`.
+    pub fn wants_prev_kv(&self) -> bool {
+        self.prev_kv_watchers > 0
+    }
+
+    /// Adds a watcher. `start_revision` 0 means "from the next revision"; `prev_kv` asks for
+    /// each put's previous value. Returns its id and its first revision to deliver; the watcher
+    /// is synced iff that revision is in the future.
     pub fn register(
         &mut self,
         range: KeyRange,
         start_revision: i64,
+        prev_kv: bool,
         sink: Arc<dyn WatchSink>,
     ) -> (WatcherId, i64) {
         let next_rev = if start_revision <= 0 {
@@ -85,10 +104,12 @@ impl WatchHub {
         let synced = next_rev > self.last_notified;
         let id = self.next_id;
         self.next_id += 1;
+        self.prev_kv_watchers += usize::from(prev_kv);
         self.watchers.insert(
             id,
             Watcher {
                 range,
+                prev_kv,
                 next_rev,
                 synced,
                 sink,
@@ -99,7 +120,11 @@ impl WatchHub {
 
     /// Removes a watcher; later notifications skip it.
     pub fn cancel(&mut self, id: WatcherId) -> bool {
-        self.watchers.remove(&id).is_some()
+        let Some(w) = self.watchers.remove(&id) else {
+            return false;
+        };
+        self.prev_kv_watchers -= usize::from(w.prev_kv);
+        true
     }
 
     /// Whether the watcher exists and is synced.
@@ -136,7 +161,9 @@ impl WatchHub {
     }
 
     /// Delivers one committed revision's events to every synced watcher whose range they touch.
-    pub(crate) fn notify(&mut self, revision: i64, events: &[Event]) {
+    /// `with_prev`: put events carry their previous values; when they do not, a `prev_kv`
+    /// watcher they touch is made unsynced, to read them from history.
+    pub(crate) fn notify(&mut self, revision: i64, events: &[Event], with_prev: bool) {
         assert!(
             revision > self.last_notified,
             "revisions notified out of order"
@@ -152,6 +179,12 @@ impl WatchHub {
                 .cloned()
                 .collect();
             if matching.is_empty() {
+                continue;
+            }
+            if w.prev_kv && !with_prev {
+                w.synced = false;
+                w.next_rev = revision;
+                w.sink.resync(*id);
                 continue;
             }
             if w.sink.offer(*id, revision, matching) {

@@ -483,6 +483,7 @@ proptest! {
             }
         }
         prop_assert_eq!(s.current_revision().expect("rev"), model.revs.len() as i64);
+        prop_assert_eq!(s.check_live_index(), Ok(()));
     }
 }
 
@@ -514,14 +515,21 @@ fn reclaim_is_amortized_over_removed_history() {
     assert_eq!(get(&s, "k", 0).expect("get").expect("k").value, b"9999");
 }
 
-/// Collects every revision the watch hub hands out.
+/// Collects every revision the watch hub hands out, and counts resyncs.
 #[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<(i64, Vec<Event>)>>);
+struct Recorder(
+    std::sync::Mutex<Vec<(i64, Vec<Event>)>>,
+    std::sync::atomic::AtomicUsize,
+);
 
 impl WatchSink for Recorder {
     fn offer(&self, _id: WatcherId, revision: i64, events: Vec<Event>) -> bool {
         self.0.lock().expect("recorder").push((revision, events));
         true
+    }
+
+    fn resync(&self, _id: WatcherId) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -597,8 +605,8 @@ proptest! {
         let (d1, d2) = (tempfile::tempdir().expect("t"), tempfile::tempdir().expect("t"));
         let (single, batched) = (open(&d1), open(&d2));
         let (seen1, seen2) = (std::sync::Arc::new(Recorder::default()), std::sync::Arc::new(Recorder::default()));
-        single.hub().register(KeyRange::new(b"", &[0]), 0, seen1.clone());
-        batched.hub().register(KeyRange::new(b"", &[0]), 0, seen2.clone());
+        single.hub().register(KeyRange::new(b"", &[0]), 0, true, seen1.clone());
+        batched.hub().register(KeyRange::new(b"", &[0]), 0, true, seen2.clone());
 
         let want: Vec<_> = reqs.iter().map(|r| apply(&single, r.clone())).collect();
         let mut got = Vec::new();
@@ -629,6 +637,8 @@ proptest! {
         }
         let events = |r: &Recorder| r.0.lock().expect("recorder").clone();
         prop_assert_eq!(events(&seen2), events(&seen1));
+        prop_assert_eq!(batched.check_live_index(), Ok(()));
+        prop_assert_eq!(single.check_live_index(), Ok(()));
     }
 }
 
@@ -687,4 +697,200 @@ fn failed_request_in_a_batch_leaves_no_trace() {
         .0;
     let keys: Vec<_> = history.iter().map(|e| e.kv.key.clone()).collect();
     assert_eq!(keys, vec![b"b".to_vec(), b"c".to_vec()]);
+}
+
+fn put_req(k: &str, v: &str) -> WriteRequest {
+    WriteRequest::Put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    })
+}
+
+fn prev_values(r: &Recorder) -> Vec<Option<Vec<u8>>> {
+    let seen = r.0.lock().expect("recorder");
+    seen.iter()
+        .flat_map(|(_, events)| {
+            events
+                .iter()
+                .map(|e| e.prev_kv.as_ref().map(|kv| kv.value.clone()))
+        })
+        .collect()
+}
+
+/// Puts read their previous value only while a watcher asks for `prev_kv`; the ones that do
+/// get it, and the version and create revision are right either way.
+#[test]
+fn prev_values_are_read_while_a_watcher_wants_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    let all = || KeyRange::new(b"", &[0]);
+    let plain = std::sync::Arc::new(Recorder::default());
+    s.hub().register(all(), 0, false, plain.clone());
+    let first = put(&s, "k", "v1");
+    put(&s, "k", "v2");
+    assert_eq!(prev_values(&plain), vec![None, None]);
+
+    let with_prev = std::sync::Arc::new(Recorder::default());
+    let (id, _) = s.hub().register(all(), 0, true, with_prev.clone());
+    assert!(s.hub().wants_prev_kv());
+    put(&s, "k", "v3");
+    assert_eq!(prev_values(&with_prev), vec![Some(b"v2".to_vec())]);
+    assert!(s.hub().cancel(id));
+    assert!(!s.hub().wants_prev_kv());
+
+    let kv = get(&s, "k", 0).expect("get").expect("k");
+    assert_eq!((kv.version, kv.create_revision), (3, first));
+    assert_eq!(s.check_live_index(), Ok(()));
+}
+
+/// A `prev_kv` watcher that arrives while a batch without previous values is being applied is
+/// not handed that batch: it is told to resync, and history gives it the previous value.
+#[test]
+fn a_prev_kv_watcher_registered_during_a_batch_reads_it_from_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    put(&s, "k", "v1");
+    let mut batch = s.write_batch(0).expect("batch");
+    let late = std::sync::Arc::new(Recorder::default());
+    let (id, _) = s
+        .hub()
+        .register(KeyRange::new(b"", &[0]), 0, true, late.clone());
+    batch.apply(&put_req("k", "v2")).expect("put");
+    batch.commit(&[]).expect("commit");
+
+    let rev = s.current_revision().expect("rev");
+    assert!(late.0.lock().expect("recorder").is_empty(), "not offered");
+    assert_eq!(late.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(!s.hub().is_synced(id));
+    assert_eq!(s.hub().next_revision(id), Some(rev));
+    let (events, next) = s
+        .watch_events(&KeyRange::new(b"", &[0]), rev, rev, true)
+        .expect("history");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].prev_kv.as_ref().map(|kv| kv.value.clone()),
+        Some(b"v1".to_vec())
+    );
+    assert_eq!(s.hub().try_sync(id, next), SyncState::Synced);
+}
+
+/// The live index is rebuilt from disk on restart and on a snapshot install, and matches what
+/// the writes left.
+#[test]
+fn live_index_survives_restart_and_snapshot_install() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    apply(&s, WriteRequest::LeaseGrant { id: 5, ttl: 60 }).expect("grant");
+    for i in 0..50 {
+        put(&s, &format!("k{}", i % 20), &i.to_string());
+    }
+    let leased = PutRequest {
+        key: b"k3".to_vec(),
+        lease: 5,
+        ignore_value: true,
+        ..Default::default()
+    };
+    apply(&s, WriteRequest::Put(leased)).expect("put");
+    let delete = DeleteRangeRequest {
+        key: b"k1".to_vec(),
+        range_end: b"k2".to_vec(),
+        prev_kv: false,
+    };
+    apply(&s, WriteRequest::DeleteRange(delete)).expect("delete");
+    assert_eq!(s.check_live_index(), Ok(()));
+    let mut image = Vec::new();
+    s.export(&mut image, &[]).expect("export");
+    drop(s);
+
+    let s = open(&dir);
+    assert_eq!(s.check_live_index(), Ok(()));
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = open(&other_dir);
+    put(&other, "stale", "x");
+    other.import(&mut image.as_slice()).expect("import");
+    assert_eq!(other.check_live_index(), Ok(()));
+    for store in [&s, &other] {
+        put(store, "k3", "again");
+        let kv = get(store, "k3", 0).expect("get").expect("k3");
+        assert_eq!(
+            (kv.version, kv.lease),
+            (5, 0),
+            "k3 was put 3 times, then leased"
+        );
+        assert_eq!(store.lease_keys(5), Vec::<Vec<u8>>::new());
+    }
+}
+
+/// A compare on one key's revisions, version or lease (answered from the live index) agrees
+/// with the same compare over a range holding only that key (answered from `kv_latest`), for
+/// live, deleted and never-written keys, and for a key written earlier in the same batch.
+#[test]
+fn single_key_compares_agree_with_range_compares() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    apply(&s, WriteRequest::LeaseGrant { id: 4, ttl: 60 }).expect("grant");
+    put(&s, "a", "1");
+    put(&s, "b", "1");
+    let leased = PutRequest {
+        key: b"a".to_vec(),
+        value: b"2".to_vec(),
+        lease: 4,
+        ..Default::default()
+    };
+    apply(&s, WriteRequest::Put(leased)).expect("put");
+    let delete = DeleteRangeRequest {
+        key: b"b".to_vec(),
+        ..Default::default()
+    };
+    apply(&s, WriteRequest::DeleteRange(delete)).expect("delete");
+    let current = s.current_revision().expect("rev");
+
+    let mut batch = s.write_batch(0).expect("batch");
+    batch.apply(&put_req("c", "in batch")).expect("put");
+    let results = [
+        CompareResult::Equal,
+        CompareResult::NotEqual,
+        CompareResult::Greater,
+        CompareResult::Less,
+    ];
+    let mut checked = 0;
+    for key in ["a", "b", "c", "never"] {
+        for n in 0..=current + 2 {
+            let targets = [
+                CompareTarget::Version(n),
+                CompareTarget::Create(n),
+                CompareTarget::Mod(n),
+                CompareTarget::Lease(n),
+            ];
+            for (target, result) in targets.iter().flat_map(|t| results.map(|r| (t, r))) {
+                let txn = |range_end: Vec<u8>| {
+                    WriteRequest::Txn(TxnRequest {
+                        compare: vec![Compare {
+                            result,
+                            target: target.clone(),
+                            key: key.into(),
+                            range_end,
+                        }],
+                        success: Vec::new(),
+                        failure: Vec::new(),
+                    })
+                };
+                let succeeded = |resp: Result<WriteResponse>| match resp {
+                    Ok(WriteResponse::Txn(t)) => t.succeeded,
+                    other => panic!("unexpected {other:?}"),
+                };
+                let mut one_key_range = key.as_bytes().to_vec();
+                one_key_range.push(0);
+                assert_eq!(
+                    succeeded(batch.apply(&txn(Vec::new()))),
+                    succeeded(batch.apply(&txn(one_key_range))),
+                    "{key} {target:?} {result:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    batch.commit(&[]).expect("commit");
+    assert_eq!(checked, 4 * (current as usize + 3) * 16);
 }

@@ -30,6 +30,10 @@ impl WatchSink for Sink {
         }
         ok
     }
+
+    fn resync(&self, _id: WatcherId) {
+        self.wake.notify_one();
+    }
 }
 
 /// Waits for events in a range from a start revision.
@@ -50,10 +54,10 @@ impl Waiter {
             tx,
             wake: wake.clone(),
         });
-        let (hub_id, _) = node
-            .store
-            .hub()
-            .register(range.clone(), start_revision.max(1), sink);
+        let (hub_id, _) =
+            node.store
+                .hub()
+                .register(range.clone(), start_revision.max(1), false, sink);
         Self {
             node,
             hub_id,

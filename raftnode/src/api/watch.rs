@@ -78,6 +78,9 @@ impl WatchSink for StreamSink {
             }
         }
     }
+    fn resync(&self, _watcher: WatcherId) {
+        self.wake.notify_one();
+    }
 }
 
 struct Watcher {
@@ -256,7 +259,7 @@ impl StreamTask {
         let sink: Arc<dyn WatchSink> = self.sink.clone();
         let (hub_id, revision) = {
             let mut hub = self.node.store.hub();
-            let (id, _) = hub.register(range.clone(), c.start_revision, sink);
+            let (id, _) = hub.register(range.clone(), c.start_revision, c.prev_kv, sink);
             (id, hub.last_notified())
         };
         let filters = |f: FilterType| c.filters.contains(&(f as i32));
