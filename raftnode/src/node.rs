@@ -715,6 +715,28 @@ impl Node {
     }
 }
 
+/// Loads the store's live index on a blocking thread while the member starts and serves (until
+/// it is done, puts read previous values from disk; a restart does not wait for a full scan).
+fn spawn_live_index_load(store: Arc<KvStore>) {
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            match store.load_live_index(keyhold_store::limits::LIVE_INDEX_LOAD_CHUNK_KEYS) {
+                Ok(false) => {}
+                Ok(true) => {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(elapsed_ms, "live index loaded");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "loading the live index failed; puts keep reading previous values from disk");
+                    return;
+                }
+            }
+        }
+    });
+}
+
 /// Opens the data dir, starts raft, serves clients until `shutdown` resolves, then stops in
 /// order.
 ///
@@ -731,6 +753,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         ..StoreOptions::default()
     };
     let store = Arc::new(KvStore::with_database(db, options)?);
+    spawn_live_index_load(store.clone());
     let member_id = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
     let log_store = LogStore::open(&config.data_dir.join("raft-log"), member_id)?;
     let clock = Clock::default();

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::keys::{self, KeyEnd, KeyRange};
 use crate::lease::{LeaseRecord, Lessor};
 use crate::limits;
-use crate::live_index::{LiveIndex, LiveKey};
+use crate::live_index::{LiveIndex, LiveKey, Lookup};
 use crate::revision::Revision;
 use crate::types::*;
 use crate::watch::WatchHub;
@@ -124,6 +124,13 @@ struct State {
     alarms: BTreeSet<AlarmMember>,
 }
 
+/// Where loading the live index stands: the `kv_latest` view it reads (taken before any write)
+/// and the last key it loaded.
+struct LiveIndexLoader {
+    snap: fjall::Snapshot,
+    resume_after: Option<Vec<u8>>,
+}
+
 /// The MVCC store (see the module docs).
 pub struct KvStore {
     db: Database,
@@ -137,6 +144,8 @@ pub struct KvStore {
     /// Held by the single writer for the whole apply, so writes are serial; it guards what
     /// only the writer reads.
     writer: Mutex<LiveIndex>,
+    /// Set while the live index loads (see [`KvStore::load_live_index`]).
+    live_loader: Mutex<Option<LiveIndexLoader>>,
     state: Mutex<State>,
     hub: Mutex<WatchHub>,
     /// History entries removed by compaction since the last [`KvStore::reclaim_compacted`].
@@ -177,7 +186,8 @@ fn lease_key(id: i64, key: &[u8]) -> Vec<u8> {
 }
 
 impl KvStore {
-    /// Opens (or creates) the store in `path`, resuming an interrupted compaction.
+    /// Opens (or creates) the store in `path`, resuming an interrupted compaction, and loads
+    /// the live index before returning.
     ///
     /// # Errors
     /// `Storage` when the directory cannot be opened or holds another format.
@@ -185,10 +195,15 @@ impl KvStore {
         let db = Database::builder(path)
             .cache_size(options.cache_bytes)
             .open()?;
-        Self::with_database(db, options)
+        let store = Self::with_database(db, options)?;
+        while !store.load_live_index(limits::LIVE_INDEX_LOAD_CHUNK_KEYS)? {}
+        Ok(store)
     }
 
-    /// Opens the store's keyspaces inside an existing database (shared with the raft log).
+    /// Opens the store's keyspaces inside an existing database (shared with the raft log). The
+    /// store is usable at once; its live index is loaded by calling
+    /// [`KvStore::load_live_index`] until it says so (until then, puts read previous values
+    /// from disk).
     ///
     /// # Errors
     /// `Storage` when the keyspaces cannot be opened or hold another format.
@@ -204,6 +219,7 @@ impl KvStore {
             db,
             options,
             writer: Mutex::new(LiveIndex::default()),
+            live_loader: Mutex::new(None),
             state: Mutex::new(State {
                 lessor: Lessor::default(),
                 alarms: BTreeSet::new(),
@@ -222,6 +238,7 @@ impl KvStore {
             }
         }
         store.recover()?;
+        store.start_live_index_load();
         Ok(store)
     }
 
@@ -239,6 +256,10 @@ impl KvStore {
 
     /// Rebuilds in-memory state (live index, lessor, alarms, watch hub revision) after an import.
     pub(crate) fn reload(&self) -> Result<()> {
+        // Loaded at once: the install already costs a pass over the data. A load still running
+        // from start-up finds the index complete and changes nothing.
+        *lock(&self.writer) = self.scan_live_index()?;
+        *lock(&self.live_loader) = None;
         *lock(&self.state) = State {
             lessor: Lessor::default(),
             alarms: BTreeSet::new(),
@@ -247,8 +268,6 @@ impl KvStore {
     }
 
     fn recover(&self) -> Result<()> {
-        let mut index = lock(&self.writer);
-        *index = self.load_live_index()?;
         let mut state = lock(&self.state);
         for item in self.lease.iter() {
             let (k, v) = item.into_inner()?;
@@ -277,20 +296,68 @@ impl KvStore {
         if scheduled > i64_at(self.meta.get(META_COMPACT)?)? {
             self.run_compaction(scheduled)?;
         }
-        drop(index);
         Ok(())
     }
 
-    /// Reads every live key's revisions, version and lease from `kv_latest`, without copying
-    /// values.
-    fn load_live_index(&self) -> Result<LiveIndex> {
-        let mut index = LiveIndex::with_capacity(self.latest.approximate_len());
+    /// Every live key's revisions, version and lease from `kv_latest`, without copying values:
+    /// a complete index.
+    fn scan_live_index(&self) -> Result<LiveIndex> {
+        let mut index = LiveIndex::loading(self.latest.approximate_len());
         for item in self.latest.iter() {
             let (key, value) = item.into_inner()?;
             let head: KeyValueHead<'_> = decode(&value)?;
-            index.insert(&key, head.live());
+            index.load(&key, head.live());
         }
+        index.finish_loading();
         Ok(index)
+    }
+
+    /// Empties the live index and sets up its loading from a view of `kv_latest` taken under
+    /// the writer lock, so every write the loader could miss is newer and already in the index.
+    fn start_live_index_load(&self) {
+        let mut index = lock(&self.writer);
+        *index = LiveIndex::loading(self.latest.approximate_len());
+        let snap = self.db.snapshot();
+        drop(index);
+        *lock(&self.live_loader) = Some(LiveIndexLoader {
+            snap,
+            resume_after: None,
+        });
+    }
+
+    /// Loads up to `max_keys` more keys into the live index, beside the writer (which waits
+    /// only while one step's keys are added). Returns `true` once the index is complete.
+    /// [`KvStore::open`] calls it until then; a server calls it from a background thread.
+    ///
+    /// # Errors
+    /// `Storage` on read failure; the index stays incomplete, which costs speed, not
+    /// correctness.
+    pub fn load_live_index(&self, max_keys: usize) -> Result<bool> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        // Held through the step, so steps (and their last, the one that completes) are serial.
+        let mut loader = lock(&self.live_loader);
+        let Some(l) = loader.as_mut() else {
+            return Ok(true);
+        };
+        let lo = l.resume_after.take().map_or(Unbounded, Excluded);
+        let mut chunk = Vec::with_capacity(max_keys.min(limits::LIVE_INDEX_LOAD_CHUNK_KEYS));
+        for item in l.snap.range(&self.latest, (lo, Unbounded)).take(max_keys) {
+            let (key, value) = item.into_inner()?;
+            let head: KeyValueHead<'_> = decode(&value)?;
+            chunk.push((key, head.live()));
+        }
+        let done = chunk.len() < max_keys;
+        l.resume_after = chunk.last().map(|(key, _)| key.to_vec());
+        let mut index = lock(&self.writer);
+        for (key, live) in &chunk {
+            index.load(key, *live);
+        }
+        if done {
+            index.finish_loading();
+            drop(index);
+            *loader = None;
+        }
+        Ok(done)
     }
 
     /// Checks the writer's live index against `kv_latest`, key by key (for tests and
@@ -300,14 +367,17 @@ impl KvStore {
     /// `Storage` naming the first difference, or on read failure.
     pub fn check_live_index(&self) -> Result<()> {
         let index = lock(&self.writer);
+        if index.is_loading() {
+            return Err(Error::Storage("live index still loading".into()));
+        }
         let mut n = 0;
         for item in self.latest.iter() {
             let (key, value) = item.into_inner()?;
             let want = LiveKey::of(&decode(&value)?);
-            if index.get(&key) != Some(want) {
+            if index.lookup(&key) != Lookup::Live(want) {
                 return Err(Error::Storage(format!(
                     "live index has {:?} for key {:?}, kv_latest has {want:?}",
-                    index.get(&key),
+                    index.lookup(&key),
                     String::from_utf8_lossy(&key)
                 )));
             }
@@ -1137,12 +1207,20 @@ impl<'a> WriteTxn<'a> {
             .any(|a| a.alarm == alarm)
     }
 
-    /// The key's revisions, version and lease as the batch sees them, without its value.
-    fn live_key(&self, key: &[u8]) -> Option<LiveKey> {
-        match self.overlay.get(key) {
-            Some(kv) => kv.as_ref().map(LiveKey::of),
-            None => self.index.get(key),
+    /// The key's revisions, version and lease as the batch sees them, without its value
+    /// (read from disk only while the index is loading and has not got to the key).
+    fn live_key(&self, key: &[u8]) -> Result<Option<LiveKey>> {
+        if let Some(kv) = self.overlay.get(key) {
+            return Ok(kv.as_ref().map(LiveKey::of));
         }
+        Ok(match self.index.lookup(key) {
+            Lookup::Live(live) => Some(live),
+            Lookup::Absent => None,
+            Lookup::Unknown => match self.store.latest.get(key)? {
+                Some(v) => Some(decode::<KeyValueHead<'_>>(&v)?.live()),
+                None => None,
+            },
+        })
     }
 
     fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>> {
@@ -1297,7 +1375,7 @@ impl<'a> WriteTxn<'a> {
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse> {
-        let live = self.live_key(&p.key);
+        let live = self.live_key(&p.key)?;
         if (p.ignore_value || p.ignore_lease) && live.is_none() {
             return Err(Error::KeyNotFound);
         }
@@ -1440,7 +1518,7 @@ impl<'a> WriteTxn<'a> {
             // One key's revisions, version or lease (what optimistic-concurrency txns such as
             // Kubernetes' compare): the live index answers without reading the value.
             let kv = self
-                .live_key(&c.key)
+                .live_key(&c.key)?
                 .map_or_else(KeyValue::default, |l| KeyValue {
                     create_revision: l.create_revision,
                     mod_revision: l.mod_revision,

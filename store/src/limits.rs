@@ -21,6 +21,8 @@ pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
 pub const QUOTA_PUT_OVERHEAD_BYTES: u64 = 256;
 /// Bytes charged per LeaseGrant for the quota check.
 pub const QUOTA_LEASE_GRANT_BYTES: u64 = 64;
+/// Keys the live index loads per step at start-up; the writer waits for at most one step.
+pub const LIVE_INDEX_LOAD_CHUNK_KEYS: usize = 4096;
 
 const _: () = assert!(COMPACTION_BATCH_ENTRIES_MAX >= TXN_OPS_MAX);
 const _: () = assert!(LEASE_REVOKES_PER_TICK_MAX <= 1000);
