@@ -82,13 +82,15 @@ struct KeyValueHead<'a> {
 }
 
 impl KeyValueHead<'_> {
-    fn live(&self) -> LiveKey {
-        LiveKey {
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            version: self.version,
-            lease: self.lease,
-        }
+    /// The live index entry of an encoded `KeyValue`.
+    fn live_of(encoded: &[u8]) -> Result<LiveKey> {
+        let head: KeyValueHead<'_> = decode(encoded)?;
+        Ok(LiveKey {
+            create_revision: head.create_revision,
+            mod_revision: head.mod_revision,
+            version: head.version,
+            lease: head.lease,
+        })
     }
 }
 
@@ -196,7 +198,7 @@ impl KvStore {
             .cache_size(options.cache_bytes)
             .open()?;
         let store = Self::with_database(db, options)?;
-        while !store.load_live_index(limits::LIVE_INDEX_LOAD_CHUNK_KEYS)? {}
+        store.finish_live_index_load()?;
         Ok(store)
     }
 
@@ -257,9 +259,9 @@ impl KvStore {
     /// Rebuilds in-memory state (live index, lessor, alarms, watch hub revision) after an import.
     pub(crate) fn reload(&self) -> Result<()> {
         // Loaded at once: the install already costs a pass over the data. A load still running
-        // from start-up finds the index complete and changes nothing.
-        *lock(&self.writer) = self.scan_live_index()?;
-        *lock(&self.live_loader) = None;
+        // from start-up carries on with the new view.
+        self.start_live_index_load();
+        self.finish_live_index_load()?;
         *lock(&self.state) = State {
             lessor: Lessor::default(),
             alarms: BTreeSet::new(),
@@ -299,30 +301,25 @@ impl KvStore {
         Ok(())
     }
 
-    /// Every live key's revisions, version and lease from `kv_latest`, without copying values:
-    /// a complete index.
-    fn scan_live_index(&self) -> Result<LiveIndex> {
-        let mut index = LiveIndex::loading(self.latest.approximate_len());
-        for item in self.latest.iter() {
-            let (key, value) = item.into_inner()?;
-            let head: KeyValueHead<'_> = decode(&value)?;
-            index.load(&key, head.live());
-        }
-        index.finish_loading();
-        Ok(index)
-    }
-
     /// Empties the live index and sets up its loading from a view of `kv_latest` taken under
     /// the writer lock, so every write the loader could miss is newer and already in the index.
     fn start_live_index_load(&self) {
+        // Loader before writer, as in a step: a step still running on an older view must not
+        // add its keys to the index emptied here.
+        let mut loader = lock(&self.live_loader);
         let mut index = lock(&self.writer);
         *index = LiveIndex::loading(self.latest.approximate_len());
         let snap = self.db.snapshot();
         drop(index);
-        *lock(&self.live_loader) = Some(LiveIndexLoader {
+        *loader = Some(LiveIndexLoader {
             snap,
             resume_after: None,
         });
+    }
+
+    fn finish_live_index_load(&self) -> Result<()> {
+        while !self.load_live_index(limits::LIVE_INDEX_LOAD_CHUNK_KEYS)? {}
+        Ok(())
     }
 
     /// Loads up to `max_keys` more keys into the live index, beside the writer (which waits
@@ -343,8 +340,7 @@ impl KvStore {
         let mut chunk = Vec::with_capacity(max_keys.min(limits::LIVE_INDEX_LOAD_CHUNK_KEYS));
         for item in l.snap.range(&self.latest, (lo, Unbounded)).take(max_keys) {
             let (key, value) = item.into_inner()?;
-            let head: KeyValueHead<'_> = decode(&value)?;
-            chunk.push((key, head.live()));
+            chunk.push((key, KeyValueHead::live_of(&value)?));
         }
         let done = chunk.len() < max_keys;
         l.resume_after = chunk.last().map(|(key, _)| key.to_vec());
@@ -1217,7 +1213,7 @@ impl<'a> WriteTxn<'a> {
             Lookup::Live(live) => Some(live),
             Lookup::Absent => None,
             Lookup::Unknown => match self.store.latest.get(key)? {
-                Some(v) => Some(decode::<KeyValueHead<'_>>(&v)?.live()),
+                Some(value) => Some(KeyValueHead::live_of(&value)?),
                 None => None,
             },
         })
@@ -1854,7 +1850,6 @@ mod tests {
             lease: -5,
         };
         let encoded = encode(&kv).expect("encode");
-        let head: KeyValueHead<'_> = decode(&encoded).expect("decode");
-        assert_eq!(head.live(), LiveKey::of(&kv));
+        assert_eq!(KeyValueHead::live_of(&encoded), Ok(LiveKey::of(&kv)));
     }
 }

@@ -941,3 +941,44 @@ proptest! {
         prop_assert_eq!(loading.hash_kv(0), loaded.hash_kv(0));
     }
 }
+
+/// A snapshot installed while the live index is still loading (a member restarted far behind)
+/// leaves an index equal to the installed state, and later load steps change nothing.
+#[test]
+fn snapshot_install_while_the_live_index_loads() {
+    let (d1, d2) = (
+        tempfile::tempdir().expect("t"),
+        tempfile::tempdir().expect("t"),
+    );
+    let source = open(&d1);
+    for i in 0..30 {
+        put(&source, &format!("k{:02}", i % 10), "new");
+    }
+    let mut image = Vec::new();
+    source.export(&mut image, &[]).expect("export");
+    {
+        let stale = open(&d2);
+        for i in 0..40 {
+            put(&stale, &format!("k{i:02}"), "old");
+        }
+    }
+    let db = fjall::Database::builder(d2.path()).open().expect("db");
+    let s = KvStore::with_database(db, StoreOptions::default()).expect("store");
+    assert_eq!(
+        s.load_live_index(5),
+        Ok(false),
+        "part of the stale keys loaded"
+    );
+    s.import(&mut image.as_slice()).expect("import");
+    assert_eq!(s.check_live_index(), Ok(()));
+    assert_eq!(s.load_live_index(5), Ok(true));
+    put(&s, "k05", "after");
+    let kv = get(&s, "k05", 0).expect("get").expect("k05");
+    assert_eq!(kv.version, 4, "3 puts in the snapshot, then this one");
+    assert_eq!(
+        get(&s, "k35", 0).expect("get"),
+        None,
+        "only in the stale state"
+    );
+    assert_eq!(s.check_live_index(), Ok(()));
+}
