@@ -100,6 +100,30 @@ async fn handle(node: &Arc<Node>, request: PeerRequest, recv: &mut quinn::RecvSt
     }
 }
 
+/// Keeps this member from campaigning while it receives and installs a snapshot, and lets it
+/// again when dropped.
+///
+/// A transfer of a large snapshot takes seconds, while the member's log is far behind the
+/// leader's, so it cannot win an election; but if it campaigns, its higher term makes the leader
+/// step down, which abandons the transfer and the install (raft refuses a snapshot from an older
+/// term), and the next transfer meets the same fate. Seen with 1 GiB of data: the member never
+/// caught up. (A MoveLeader that pauses elections meanwhile may re-enable them early; the member
+/// then only risks that retry.)
+struct NoCampaign<'a>(&'a Node);
+
+impl<'a> NoCampaign<'a> {
+    fn new(node: &'a Node) -> Self {
+        node.raft.runtime_config().elect(false);
+        Self(node)
+    }
+}
+
+impl Drop for NoCampaign<'_> {
+    fn drop(&mut self) {
+        self.0.raft.runtime_config().elect(true);
+    }
+}
+
 /// Receives a snapshot's data frames into the state machine's incoming file, then lets raft
 /// install it (raft checks the leader's vote first).
 async fn receive_snapshot(
@@ -109,6 +133,7 @@ async fn receive_snapshot(
     recv: &mut quinn::RecvStream,
 ) -> Answer {
     let io = |e: String| Error::Internal(format!("receiving snapshot: {e}"));
+    let _no_campaign = NoCampaign::new(node);
     let mut file = node
         .raft
         .begin_receiving_snapshot()

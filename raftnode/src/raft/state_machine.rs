@@ -24,6 +24,18 @@ use crate::clock::Clock;
 const SNAP_DATA: &str = "current.data";
 const SNAP_META: &str = "current.meta";
 const SNAP_INCOMING: &str = "incoming.data";
+/// Where a new `current.meta` is written before it is renamed over the old one.
+const SNAP_META_NEXT: &str = "next.meta";
+
+/// Replaces the current snapshot's metadata by a rename: a reader on another task (openraft
+/// asks for the current snapshot to send it to a peer while a new one is being built) sees the
+/// old record or the new one, never a truncated file. A truncated read once failed to decode,
+/// and the error stopped the leader's raft core.
+fn write_snapshot_meta(dir: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    let next = dir.join(SNAP_META_NEXT);
+    std::fs::write(&next, bytes)?;
+    std::fs::rename(next, dir.join(SNAP_META))
+}
 
 /// Writes up to which a call to `apply` whose writes all name their keys one by one
 /// ([`WriteRequest::is_point`]) runs on the async worker instead of a blocking thread (about
@@ -112,7 +124,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 snapshot_id,
             };
             std::fs::write(dir.join(SNAP_DATA), b"")
-                .and_then(|_| std::fs::write(dir.join(SNAP_META), encode(&meta)))
+                .and_then(|_| write_snapshot_meta(&dir, &encode(&meta)))
                 .map_err(snap_err)?;
             Ok(meta)
         })
@@ -304,7 +316,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             drop(input);
             std::fs::write(dir.join(SNAP_DATA), b"").map_err(snap_err)?;
             std::fs::remove_file(&incoming).map_err(snap_err)?;
-            std::fs::write(dir.join(SNAP_META), meta_bytes).map_err(snap_err)
+            write_snapshot_meta(&dir, &meta_bytes).map_err(snap_err)
         })
         .await
         .map_err(snap_err)?
