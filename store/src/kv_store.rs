@@ -1055,7 +1055,7 @@ type RevisionEvents = Vec<(i64, Vec<Event>)>;
 /// A committed [`WriteTxn`]: what is left to do, under the writer lock it still holds.
 struct Committed<'a> {
     revisions: RevisionEvents,
-    /// Whether put events carry the previous value (`Event::prev_kv`).
+    /// Whether put and delete events carry the previous value (`Event::prev_kv`).
     with_prev: bool,
     /// The revision to compact to, when a compaction was applied.
     compact_to: Option<i64>,
@@ -1072,7 +1072,8 @@ struct WriteTxn<'a> {
     store: &'a KvStore,
     /// The committed live keys; `overlay` holds what the batch changed on top.
     index: MutexGuard<'a, LiveIndex>,
-    /// Fill put events' `prev_kv` (a watcher asks for it): read each put's previous value.
+    /// Fill events' `prev_kv` (a watcher asks for it): read the previous value of each key a
+    /// put or delete changes.
     with_prev: bool,
     ops: Vec<BatchOp<'a>>,
     /// Revision in the store before the batch.
@@ -1292,7 +1293,7 @@ impl<'a> WriteTxn<'a> {
                     let lease = state.lessor.get(*id).ok_or(Error::LeaseNotFound)?;
                     lease.keys.iter().cloned().collect::<Vec<_>>()
                 };
-                self.delete_keys(&keys)?;
+                self.delete_keys(&keys, false)?;
                 let store = self.store;
                 self.remove(&store.lease, id.to_be_bytes().to_vec());
                 self.lease_remove = Some(*id);
@@ -1409,12 +1410,23 @@ impl<'a> WriteTxn<'a> {
         })
     }
 
-    /// Deletes the given live keys (already known to exist or not); returns the deleted kvs.
-    fn delete_keys(&mut self, keys_to_delete: &[Vec<u8>]) -> Result<Vec<KeyValue>> {
-        let mut deleted = Vec::new();
-        for key in keys_to_delete {
-            let Some(prev) = self.get_latest(key)? else {
+    /// Deletes those of `keys` that are live; returns how many it deleted and, when
+    /// `return_prev`, their values. A value is read only when it is returned or a watcher
+    /// wants `prev_kv`, as for puts.
+    fn delete_keys(&mut self, keys: &[Vec<u8>], return_prev: bool) -> Result<(i64, Vec<KeyValue>)> {
+        let mut deleted = 0;
+        let mut prevs = Vec::new();
+        for key in keys {
+            let Some(live) = self.live_key(key)? else {
                 continue;
+            };
+            let prev = if return_prev || self.with_prev {
+                Some(
+                    self.get_latest(key)?
+                        .ok_or_else(|| bad("live index: a live key without a latest value"))?,
+                )
+            } else {
+                None
             };
             let rev = Revision::new(self.begin + 1, self.sub);
             self.sub += 1;
@@ -1435,29 +1447,41 @@ impl<'a> WriteTxn<'a> {
                 vec![INDEX_TOMBSTONE],
             );
             self.remove(&store.latest, key.clone());
-            if prev.lease != 0 {
-                self.remove(&store.lease_keys, lease_key(prev.lease, key));
-                self.lease_attach.push((prev.lease, key.clone(), false));
+            if live.lease != 0 {
+                self.remove(&store.lease_keys, lease_key(live.lease, key));
+                self.lease_attach.push((live.lease, key.clone(), false));
             }
             self.set_latest(key.clone(), None);
+            if return_prev {
+                prevs.extend(prev.clone());
+            }
             self.events.push(Event {
                 kind: EventType::Delete,
                 kv: tomb,
-                prev_kv: Some(prev.clone()),
+                prev_kv: prev,
             });
-            deleted.push(prev);
+            deleted += 1;
         }
-        Ok(deleted)
+        Ok((deleted, prevs))
     }
 
+    /// The live keys in `range`; a single key is looked up in the live index, not scanned.
     fn live_keys_in(&self, range: &KeyRange) -> Result<Vec<Vec<u8>>> {
+        let range_end = match &range.end {
+            KeyEnd::Single => {
+                let live = self.live_key(&range.start)?.is_some();
+                return Ok(if live {
+                    vec![range.start.clone()]
+                } else {
+                    Vec::new()
+                });
+            }
+            KeyEnd::Unbounded => vec![0],
+            KeyEnd::Before(e) => e.clone(),
+        };
         let req = RangeRequest {
             key: range.start.clone(),
-            range_end: match &range.end {
-                KeyEnd::Single => Vec::new(),
-                KeyEnd::Unbounded => vec![0],
-                KeyEnd::Before(e) => e.clone(),
-            },
+            range_end,
             keys_only: true,
             ..Default::default()
         };
@@ -1468,11 +1492,11 @@ impl<'a> WriteTxn<'a> {
     fn delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         let range = KeyRange::new(&d.key, &d.range_end);
         let keys = self.live_keys_in(&range)?;
-        let deleted = self.delete_keys(&keys)?;
+        let (deleted, prev_kvs) = self.delete_keys(&keys, d.prev_kv)?;
         Ok(DeleteRangeResponse {
             revision: self.read_revision(),
-            deleted: deleted.len() as i64,
-            prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+            deleted,
+            prev_kvs,
         })
     }
 

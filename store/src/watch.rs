@@ -161,7 +161,7 @@ impl WatchHub {
     }
 
     /// Delivers one committed revision's events to every synced watcher whose range they touch.
-    /// `with_prev`: put events carry their previous values; when they do not, a `prev_kv`
+    /// `with_prev`: events carry their previous values; when they do not, a `prev_kv`
     /// watcher they touch is made unsynced, to read them from history.
     pub(crate) fn notify(&mut self, revision: i64, events: &[Event], with_prev: bool) {
         assert!(

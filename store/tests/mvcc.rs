@@ -459,9 +459,14 @@ proptest! {
                     model.put(key(k), v.to_string().into_bytes());
                 }
                 Op::Delete(k, e) => {
+                    let range = KeyRange::new(&key(k), &end(e));
+                    let want = model.latest().keys().filter(|k| range.contains(k)).count() as i64;
                     let req = DeleteRangeRequest { key: key(k), range_end: end(e), prev_kv: false };
-                    apply(&s, WriteRequest::DeleteRange(req)).expect("delete");
-                    model.delete(&KeyRange::new(&key(k), &end(e)));
+                    match apply(&s, WriteRequest::DeleteRange(req)).expect("delete") {
+                        WriteResponse::DeleteRange(d) => prop_assert_eq!(d.deleted, want),
+                        other => prop_assert!(false, "{:?}", other),
+                    }
+                    model.delete(&range);
                 }
                 Op::Get(k, e, r) => {
                     let current = model.revs.len() as i64;
@@ -718,8 +723,16 @@ fn prev_values(r: &Recorder) -> Vec<Option<Vec<u8>>> {
         .collect()
 }
 
-/// Puts read their previous value only while a watcher asks for `prev_kv`; the ones that do
-/// get it, and the version and create revision are right either way.
+fn delete_req(k: &str, end: &str, prev_kv: bool) -> WriteRequest {
+    WriteRequest::DeleteRange(DeleteRangeRequest {
+        key: k.into(),
+        range_end: end.into(),
+        prev_kv,
+    })
+}
+
+/// Puts and deletes read their previous value only while a watcher asks for `prev_kv`; the
+/// ones that do get it, and the version, create revision and lease are right either way.
 #[test]
 fn prev_values_are_read_while_a_watcher_wants_them() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -729,18 +742,44 @@ fn prev_values_are_read_while_a_watcher_wants_them() {
     s.hub().register(all(), 0, false, plain.clone());
     let first = put(&s, "k", "v1");
     put(&s, "k", "v2");
-    assert_eq!(prev_values(&plain), vec![None, None]);
+    apply(&s, WriteRequest::LeaseGrant { id: 7, ttl: 60 }).expect("grant");
+    let leased = PutRequest {
+        key: b"l".to_vec(),
+        value: b"lv".to_vec(),
+        lease: 7,
+        ..Default::default()
+    };
+    apply(&s, WriteRequest::Put(leased.clone())).expect("put");
+    apply(&s, delete_req("l", "", false)).expect("delete");
+    assert_eq!(prev_values(&plain), vec![None, None, None, None]);
+    assert!(s.lease_keys(7).is_empty(), "the delete detached the key");
 
     let with_prev = std::sync::Arc::new(Recorder::default());
     let (id, _) = s.hub().register(all(), 0, true, with_prev.clone());
     assert!(s.hub().wants_prev_kv());
     put(&s, "k", "v3");
-    assert_eq!(prev_values(&with_prev), vec![Some(b"v2".to_vec())]);
+    apply(&s, WriteRequest::Put(leased)).expect("put");
+    apply(&s, delete_req("l", "", false)).expect("delete");
+    assert_eq!(
+        prev_values(&with_prev),
+        vec![Some(b"v2".to_vec()), None, Some(b"lv".to_vec())]
+    );
     assert!(s.hub().cancel(id));
     assert!(!s.hub().wants_prev_kv());
 
-    let kv = get(&s, "k", 0).expect("get").expect("k");
-    assert_eq!((kv.version, kv.create_revision), (3, first));
+    // A delete that returns its values reads them with no watcher asking.
+    put(&s, "l", "lv2");
+    let deleted = apply(&s, delete_req("k", "m", true)).expect("delete");
+    let WriteResponse::DeleteRange(d) = deleted else {
+        panic!("{deleted:?}")
+    };
+    let values: Vec<_> = d.prev_kvs.iter().map(|kv| kv.value.clone()).collect();
+    assert_eq!(
+        (d.deleted, values),
+        (2, vec![b"v3".to_vec(), b"lv2".to_vec()])
+    );
+    assert_eq!(d.prev_kvs[0].create_revision, first);
+    assert_eq!(d.prev_kvs[0].version, 3);
     assert_eq!(s.check_live_index(), Ok(()));
 }
 
