@@ -263,5 +263,64 @@ pub async fn await_answer(
     let answer: Answer = wire::read_frame(recv)
         .await
         .map_err(|e| PeerError::Failed(target, e.to_string()))?;
+    wire::take_end(recv);
     answer.map_err(PeerError::Remote)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PeerTlsConfig;
+
+    /// Both ends read each stream to its end, so neither sends STOP_SENDING: a request costs
+    /// one packet each way, not two. (A current-thread runtime keeps each frame and its end in
+    /// one packet, which a multi-threaded one usually but not always does.)
+    #[tokio::test]
+    async fn a_request_stream_is_read_to_its_end_on_both_sides() {
+        let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let hosts = ["127.0.0.1".to_string()];
+        let tls = || tls::build(&PeerTlsConfig::Auto, &hosts).expect("tls");
+        let (client, _) = Peers::bind(1, local, tls()).expect("bind");
+        let (_server, endpoint) = Peers::bind(2, local, tls()).expect("bind");
+        let addr = endpoint.local_addr().expect("addr");
+        let answering = tokio::spawn(async move {
+            let conn = endpoint
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("conn");
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let envelope: Envelope = wire::read_frame(&mut recv).await.expect("request");
+                assert!(matches!(envelope.request, PeerRequest::ReadIndex));
+                wire::take_end(&mut recv);
+                let answer: Answer = Ok(PeerResponse::ReadIndex(7));
+                wire::write_frame(&mut send, &answer).await.expect("answer");
+                send.finish().expect("finish");
+            }
+            conn.stats().frame_tx.stop_sending
+        });
+        for _ in 0..20 {
+            let answer = client
+                .call(2, addr, PeerRequest::ReadIndex, Duration::from_secs(5))
+                .await
+                .expect("call");
+            assert!(matches!(answer, PeerResponse::ReadIndex(7)));
+        }
+        let conn = client
+            .slot(addr)
+            .lock()
+            .await
+            .conn
+            .clone()
+            .expect("connection");
+        assert_eq!(
+            conn.stats().frame_tx.stop_sending,
+            0,
+            "the caller stopped a stream"
+        );
+        conn.close(0u32.into(), b"done");
+        let stopped = answering.await.expect("server task");
+        assert_eq!(stopped, 0, "the server stopped a stream");
+    }
 }

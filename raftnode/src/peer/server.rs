@@ -56,6 +56,7 @@ async fn handle_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: q
         return;
     }
     let answer = handle(&node, envelope.request, &mut recv).await;
+    wire::take_end(&mut recv);
     if wire::write_frame(&mut send, &answer).await.is_ok() {
         let _ = send.finish();
     }

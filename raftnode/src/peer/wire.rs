@@ -219,6 +219,15 @@ pub async fn read_raw(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameErro
     Ok(body)
 }
 
+/// Takes the end of a stream whose last frame has been read, if it has arrived, without
+/// waiting. quinn answers a receive stream dropped before its end with STOP_SENDING: one more
+/// packet, and one more wakeup of the peer, per request.
+pub fn take_end(recv: &mut quinn::RecvStream) {
+    use futures::FutureExt;
+    let mut byte = [0u8; 1];
+    let _ = recv.read(&mut byte).now_or_never();
+}
+
 /// Reads and decodes one frame.
 ///
 /// # Errors
