@@ -4,9 +4,14 @@
 //! - `kv_latest`: user key → current `KeyValue` of live keys; serves reads at the current revision
 //!   in one seek.
 //! - `kv_history`: revision (16 bytes) → `HistoryRecord`; every change in revision order, for watch
-//!   catch-up, historical reads and HashKV.
-//! - `kv_index`: escaped user key ++ `00 00` ++ revision → tombstone flag; serves reads at an older
-//!   revision ("newest revision <= R of each key").
+//!   catch-up, historical reads and HashKV. Each record names the key's previous revision in the
+//!   same life (create to delete), so a key's history is a chain walked back from its newest
+//!   change.
+//! - `kv_tombstone`: escaped user key ++ `00 00` ++ revision → (); one entry per delete. It joins
+//!   a key's lives for reads at an older revision, which walk each key's chain back from its
+//!   latest value or newest tombstone. A put writes no index entry: a per-put entry in a
+//!   key-ordered keyspace cost about a third of the store's CPU per put (a random memtable
+//!   insert), while the chains cost nothing to keep.
 //! - `lease`, `lease_keys`: lease records and (lease, key) attachments, so restart needs no scan.
 //! - `meta`: current and compact revision, alarms, and opaque entries of the raft layer (applied
 //!   log id) that are written in the same batch as the data they cover.
@@ -36,7 +41,7 @@ use crate::watch::WatchHub;
 
 const KS_LATEST: &str = "kv_latest";
 const KS_HISTORY: &str = "kv_history";
-const KS_INDEX: &str = "kv_index";
+const KS_TOMBSTONE: &str = "kv_tombstone";
 const KS_LEASE: &str = "lease";
 const KS_LEASE_KEYS: &str = "lease_keys";
 const KS_META: &str = "meta";
@@ -47,7 +52,7 @@ const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 const META_ALARMS: &[u8] = b"alarms";
 const META_FORMAT: &[u8] = b"format";
 /// On-disk format of this store; bumped on incompatible layout changes.
-const FORMAT_VERSION: &[u8] = b"keyhold-store-1";
+const FORMAT_VERSION: &[u8] = b"keyhold-store-2";
 
 /// Sealed memtables in one keyspace from which [`KvStore::write_may_stall`] says yes (fjall
 /// halts writes at 4).
@@ -56,15 +61,22 @@ const SEALED_MEMTABLES_NEAR_STALL: usize = 2;
 /// stalls writes from 20 level-0 runs; a run holds one table or more).
 const L0_TABLES_NEAR_STALL: usize = 16;
 
-/// Index entry flag values.
-const INDEX_LIVE: u8 = 0;
-const INDEX_TOMBSTONE: u8 = 1;
-
 /// One change in `kv_history`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct HistoryRecord {
     kv: KeyValue,
     tombstone: bool,
+    /// Main revision of the key's previous change in the same life (0 for a create); never a
+    /// tombstone. A key changes at most once per main revision.
+    prev: i64,
+}
+
+/// The key of an encoded [`HistoryRecord`], read without copying (the record starts with
+/// its `KeyValue`, which starts with the key).
+#[derive(serde::Deserialize)]
+struct HistoryKey<'a> {
+    #[serde(borrow)]
+    key: &'a [u8],
 }
 
 /// The fields of an encoded [`KeyValue`] the live index keeps, read without copying the key or
@@ -138,7 +150,7 @@ pub struct KvStore {
     db: Database,
     latest: Keyspace,
     history: Keyspace,
-    index: Keyspace,
+    tombstones: Keyspace,
     lease: Keyspace,
     lease_keys: Keyspace,
     meta: Keyspace,
@@ -214,7 +226,7 @@ impl KvStore {
         let store = Self {
             latest: ks(KS_LATEST)?,
             history: ks(KS_HISTORY)?,
-            index: ks(KS_INDEX)?,
+            tombstones: ks(KS_TOMBSTONE)?,
             lease: ks(KS_LEASE)?,
             lease_keys: ks(KS_LEASE_KEYS)?,
             meta: ks(KS_META)?,
@@ -249,7 +261,7 @@ impl KvStore {
         [
             &self.latest,
             &self.history,
-            &self.index,
+            &self.tombstones,
             &self.lease,
             &self.lease_keys,
             &self.meta,
@@ -559,12 +571,17 @@ impl KvStore {
             if !range.contains(&rec.kv.key) {
                 continue;
             }
-            let prev = if prev_kv {
+            // The previous change in the key's life is its state just before this one (a
+            // create has none); compaction keeps it, as the newest change at or below the
+            // compacted revision.
+            let prev = if prev_kv && rec.prev != 0 {
                 let view = View::Snapshot {
                     snap: &snap,
                     store: self,
                 };
-                view.key_at(&rec.kv.key, rev.main - 1, compacted)?
+                view.record_at(&rec.kv.key, rec.prev)?
+                    .filter(|(_, p)| !p.tombstone)
+                    .map(|(_, p)| p.kv)
             } else {
                 None
             };
@@ -656,40 +673,35 @@ impl KvStore {
     }
 
     /// Removes history below `rev` in bounded batches; idempotent, resumed by `open`.
+    ///
+    /// A change at or below `rev` goes when a newer change of its key is at or below `rev` too,
+    /// and that change names it as `prev`; a tombstone below `rev` goes with its index entry (a
+    /// deleted key reads as absent either way). So one pass over the history written since the
+    /// last compaction finds everything to remove, however large the key space. Each record's
+    /// removals share a batch, so a resumed pass never misses the change a removed tombstone
+    /// named.
     fn run_compaction(&self, rev: i64) -> Result<()> {
+        let from = self.compact_revision()?;
+        let lo = Revision::new(from, 0).to_bytes();
+        let hi = Revision::new(rev, i64::MAX).to_bytes();
+        let view = View::Live { store: self };
         let mut batch = self.db.batch();
         let mut pending = 0usize;
         let mut removed = 0u64;
-        let mut current_key: Option<Vec<u8>> = None;
-        // Revisions of the current key at or below `rev`, ascending: (index entry, revision, tombstone).
-        let mut below: Vec<(Vec<u8>, Revision, bool)> = Vec::new();
-        let flush_key = |below: &mut Vec<(Vec<u8>, Revision, bool)>,
-                         batch: &mut OwnedWriteBatch,
-                         pending: &mut usize| {
-            if let Some((_, keep_rev, tomb)) = below.last().cloned() {
-                let keep_last = !(tomb && keep_rev.main < rev);
-                let n = if keep_last {
-                    below.len() - 1
-                } else {
-                    below.len()
-                };
-                for (entry, r, _) in below.drain(..).take(n) {
-                    batch.remove(&self.index, entry);
-                    batch.remove(&self.history, r.to_bytes().to_vec());
-                    *pending += 1;
-                }
-            }
-            below.clear();
-        };
-        for item in self.index.iter() {
+        for item in self.history.range(lo..=hi) {
             let (k, v) = item.into_inner()?;
-            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
-            if current_key.as_deref() != Some(key.as_slice()) {
-                flush_key(&mut below, &mut batch, &mut pending);
-                current_key = Some(key);
+            let r = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
+            let rec: HistoryRecord = decode(&v)?;
+            if rec.prev != 0
+                && let Some((prev, _)) = view.record_at(&rec.kv.key, rec.prev)?
+            {
+                batch.remove(&self.history, prev.to_bytes().to_vec());
+                pending += 1;
             }
-            if r.main <= rev {
-                below.push((k.to_vec(), r, v.first() == Some(&INDEX_TOMBSTONE)));
+            if rec.tombstone && r.main < rev {
+                batch.remove(&self.history, k.to_vec());
+                batch.remove(&self.tombstones, keys::index_key(&rec.kv.key, r));
+                pending += 1;
             }
             if pending >= limits::COMPACTION_BATCH_ENTRIES_MAX {
                 std::mem::replace(&mut batch, self.db.batch()).commit()?;
@@ -697,7 +709,6 @@ impl KvStore {
                 pending = 0;
             }
         }
-        flush_key(&mut below, &mut batch, &mut pending);
         batch.insert(&self.meta, META_COMPACT, rev.to_be_bytes().to_vec());
         batch.commit()?;
         removed += pending as u64;
@@ -707,14 +718,13 @@ impl KvStore {
     }
 }
 
-/// The encoded `HistoryRecord { kv, tombstone: false }` from the encoded `kv`: postcard writes
-/// a struct's fields in order and `false` as one zero byte, so the record is the value's bytes
-/// and a 0 (one encoding of the value per put instead of two).
-fn live_history_record(encoded_kv: &[u8]) -> Vec<u8> {
-    let mut record = Vec::with_capacity(encoded_kv.len() + 1);
+/// The encoded `HistoryRecord { kv, tombstone: false, prev }` from the encoded `kv`: postcard
+/// writes a struct's fields in order, so the record is the value's bytes followed by the rest
+/// (one encoding of the value per put instead of two).
+fn live_history_record(encoded_kv: &[u8], prev: i64) -> Result<Vec<u8>> {
+    let mut record = Vec::with_capacity(encoded_kv.len() + 11);
     record.extend_from_slice(encoded_kv);
-    record.push(0);
-    record
+    Ok(postcard::to_extend(&(false, prev), record)?)
 }
 
 fn bad(what: &str) -> Error {
@@ -779,36 +789,86 @@ impl View<'_> {
         Ok(out)
     }
 
-    /// The key's state at `rev` (None when absent or deleted at `rev`).
-    fn key_at(&self, key: &[u8], rev: i64, compacted: i64) -> Result<Option<KeyValue>> {
-        if rev < compacted.max(1) {
-            return Ok(None);
-        }
+    /// The record of `key` at main revision `main` and its full revision (a key changes at
+    /// most once per main revision; other keys share it only inside a txn).
+    fn record_at(&self, key: &[u8], main: i64) -> Result<Option<(Revision, HistoryRecord)>> {
         let store = self.store();
-        let lo = keys::index_key(key, Revision::new(0, 0));
-        let hi = keys::index_key(key, Revision::new(rev, i64::MAX));
-        let last = match self {
-            View::Snapshot { snap, .. } => snap.range(&store.index, lo..=hi).next_back(),
-            View::Live { .. } => store.index.range(lo..=hi).next_back(),
-        };
-        let Some(item) = last else { return Ok(None) };
-        let (k, v) = item.into_inner()?;
-        if v.first() == Some(&INDEX_TOMBSTONE) {
-            return Ok(None);
+        let lo = Revision::new(main, 0).to_bytes().to_vec();
+        let hi = Revision::new(main + 1, 0).to_bytes().to_vec();
+        for item in self.range(&store.history, lo, Some(hi)) {
+            let (k, v) = item.into_inner()?;
+            if decode::<HistoryKey<'_>>(&v)?.key != key {
+                continue;
+            }
+            let rev = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
+            return Ok(Some((rev, decode(&v)?)));
         }
-        let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
-        let rec = self
-            .get(&store.history, &r.to_bytes())?
-            .ok_or_else(|| bad("history gap"))?;
-        Ok(Some(decode::<HistoryRecord>(&rec)?.kv))
+        Ok(None)
     }
 
-    /// Live keys in `range` at an older revision `rev`, in key order.
+    /// Main revision of the newest tombstone of `key` below main revision `below`.
+    fn tombstone_below(&self, key: &[u8], below: i64) -> Result<Option<i64>> {
+        let store = self.store();
+        let lo = keys::index_key(key, Revision::new(0, 0));
+        let hi = keys::index_key(key, Revision::new(below, 0));
+        let Some(item) = self.range(&store.tombstones, lo, Some(hi)).next_back() else {
+            return Ok(None);
+        };
+        let k = item.key()?;
+        let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("tombstone key"))?;
+        Ok(Some(r.main))
+    }
+
+    /// The state of `key` at `rev`, from its newest change: `head` is its live value, or None
+    /// when it is deleted (then `newest_tombstone` is its delete, when known). Walks the key's
+    /// chain back, and across a delete into its previous life, until a change at or below
+    /// `rev`; compaction keeps that change (or removes a tombstone, which reads as absent).
+    fn state_at(
+        &self,
+        key: &[u8],
+        head: Option<KeyValue>,
+        newest_tombstone: Option<i64>,
+        rev: i64,
+    ) -> Result<Option<KeyValue>> {
+        let mut at = match &head {
+            Some(kv) if kv.mod_revision <= rev => return Ok(head),
+            Some(kv) => kv.mod_revision,
+            None => match newest_tombstone {
+                Some(t) => t,
+                None => match self.tombstone_below(key, i64::MAX)? {
+                    Some(t) => t,
+                    None => return Ok(None),
+                },
+            },
+        };
+        loop {
+            let Some((_, rec)) = self.record_at(key, at)? else {
+                return Err(bad("history gap"));
+            };
+            if at <= rev {
+                return Ok((!rec.tombstone).then_some(rec.kv));
+            }
+            at = if rec.prev != 0 {
+                rec.prev
+            } else {
+                // Created after `rev`: the previous life, if any, ended with a tombstone.
+                match self.tombstone_below(key, at)? {
+                    Some(t) => t,
+                    None => return Ok(None),
+                }
+            };
+        }
+    }
+
+    /// Live keys in `range` at an older revision `rev`, in key order: every key live now or
+    /// deleted since the last compaction, each read back to `rev` along its chain (keys not
+    /// changed since `rev` cost nothing more than the current read).
     fn historical_in(&self, range: &KeyRange, rev: i64) -> Result<Vec<KeyValue>> {
         let store = self.store();
         if range.is_empty() {
             return Ok(Vec::new());
         }
+        // Deleted keys in the range, each with its newest tombstone.
         let lo = keys::index_key_prefix(&range.start);
         let hi = match &range.end {
             KeyEnd::Single => Some(keys::index_key(
@@ -818,30 +878,23 @@ impl View<'_> {
             KeyEnd::Unbounded => None,
             KeyEnd::Before(e) => Some(keys::index_key_prefix(e)),
         };
-        let mut out = Vec::new();
-        let mut best: Option<(Vec<u8>, Revision, bool)> = None;
-        let mut emit = |best: Option<(Vec<u8>, Revision, bool)>| -> Result<()> {
-            if let Some((_, r, false)) = best {
-                let rec = self
-                    .get(&store.history, &r.to_bytes())?
-                    .ok_or_else(|| bad("history"))?;
-                out.push(decode::<HistoryRecord>(&rec)?.kv);
-            }
-            Ok(())
-        };
-        for item in self.range(&store.index, lo, hi) {
-            let (k, v) = item.into_inner()?;
-            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
-            if best.as_ref().is_some_and(|b| b.0 != key) {
-                emit(best.take())?;
-            }
-            if r.main <= rev {
-                best = Some((key, r, v.first() == Some(&INDEX_TOMBSTONE)));
-            } else if best.as_ref().is_none_or(|b| b.0 != key) {
-                best = Some((key, Revision::new(0, 0), true));
-            }
+        let mut deleted: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        for item in self.range(&store.tombstones, lo, hi) {
+            let k = item.key()?;
+            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("tombstone key"))?;
+            let newest = deleted.entry(key).or_insert(r.main);
+            *newest = (*newest).max(r.main);
         }
-        emit(best)?;
+        let mut out = Vec::new();
+        for kv in self.latest_in(range)? {
+            deleted.remove(&kv.key);
+            let key = kv.key.clone();
+            out.extend(self.state_at(&key, Some(kv), None, rev)?);
+        }
+        for (key, tombstone) in deleted {
+            out.extend(self.state_at(&key, None, Some(tombstone), rev)?);
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 }
@@ -1337,21 +1390,22 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    /// Writes `kv` over a key whose lease was `old_lease` (0 when none or new); `prev` is the
+    /// Writes `kv` over the key's live state `old` (None when it is created); `prev` is the
     /// event's `prev_kv`.
-    fn write_kv(&mut self, kv: KeyValue, old_lease: i64, prev: Option<KeyValue>) -> Result<()> {
+    fn write_kv(
+        &mut self,
+        kv: KeyValue,
+        old: Option<LiveKey>,
+        prev: Option<KeyValue>,
+    ) -> Result<()> {
         let rev = Revision::new(self.begin + 1, self.sub);
         self.sub += 1;
         let store = self.store;
         let latest = encode(&kv)?;
-        let history = live_history_record(&latest);
+        let history = live_history_record(&latest, old.map_or(0, |l| l.mod_revision))?;
         self.insert(&store.history, rev.to_bytes().to_vec(), history);
-        self.insert(
-            &store.index,
-            keys::index_key(&kv.key, rev),
-            vec![INDEX_LIVE],
-        );
         self.insert(&store.latest, kv.key.clone(), latest);
+        let old_lease = old.map_or(0, |l| l.lease);
         if old_lease != kv.lease {
             if old_lease != 0 {
                 self.remove(&store.lease_keys, lease_key(old_lease, &kv.key));
@@ -1388,8 +1442,11 @@ impl<'a> WriteTxn<'a> {
             Some(prev) if p.ignore_value => prev.value.clone(),
             _ => p.value.clone(),
         };
-        let old_lease = live.map_or(0, |l| l.lease);
-        let lease = if p.ignore_lease { old_lease } else { p.lease };
+        let lease = if p.ignore_lease {
+            live.map_or(0, |l| l.lease)
+        } else {
+            p.lease
+        };
         if lease != 0 && !self.lease_exists(lease) {
             return Err(Error::LeaseNotFound);
         }
@@ -1403,7 +1460,7 @@ impl<'a> WriteTxn<'a> {
             lease,
         };
         let prev_kv = if p.prev_kv { prev.clone() } else { None };
-        self.write_kv(kv, old_lease, prev)?;
+        self.write_kv(kv, live, prev)?;
         Ok(PutResponse {
             revision: rev,
             prev_kv,
@@ -1439,13 +1496,10 @@ impl<'a> WriteTxn<'a> {
             let rec = HistoryRecord {
                 kv: tomb.clone(),
                 tombstone: true,
+                prev: live.mod_revision,
             };
             self.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-            self.insert(
-                &store.index,
-                keys::index_key(key, rev),
-                vec![INDEX_TOMBSTONE],
-            );
+            self.insert(&store.tombstones, keys::index_key(key, rev), Vec::new());
             self.remove(&store.latest, key.clone());
             if live.lease != 0 {
                 self.remove(&store.lease_keys, lease_key(live.lease, key));
@@ -1853,13 +1907,20 @@ mod tests {
             value: vec![7; 200],
             lease: 5,
         };
-        let record = HistoryRecord {
-            kv: kv.clone(),
-            tombstone: false,
-        };
-        let built = live_history_record(&encode(&kv).expect("encode"));
-        assert_eq!(built, encode(&record).expect("encode"));
-        assert_eq!(decode::<HistoryRecord>(&built).expect("decode"), record);
+        for prev in [0, 8, i64::MAX] {
+            let record = HistoryRecord {
+                kv: kv.clone(),
+                tombstone: false,
+                prev,
+            };
+            let built = live_history_record(&encode(&kv).expect("encode"), prev).expect("build");
+            assert_eq!(built, encode(&record).expect("encode"));
+            assert_eq!(decode::<HistoryRecord>(&built).expect("decode"), record);
+            let key = decode::<HistoryKey<'_>>(&built)
+                .expect("decode the key")
+                .key;
+            assert_eq!(key, b"k");
+        }
     }
 
     /// The live index reads the fields it keeps straight from an encoded value.

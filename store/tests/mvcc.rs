@@ -401,21 +401,56 @@ impl Model {
         self.revs.last().cloned().unwrap_or_default()
     }
     fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.put_all(&[(k, v)]);
+    }
+    /// Puts of distinct keys at one revision (a txn).
+    fn put_all(&mut self, puts: &[(Vec<u8>, Vec<u8>)]) {
         let mut m = self.latest();
         let rev = self.revs.len() as i64 + 1;
-        let prev = m.get(&k).cloned();
-        m.insert(
-            k.clone(),
-            KeyValue {
-                key: k,
-                create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
-                mod_revision: rev,
-                version: prev.map_or(0, |p| p.version) + 1,
-                value: v,
-                lease: 0,
-            },
-        );
+        for (k, v) in puts {
+            let prev = m.get(k).cloned();
+            m.insert(
+                k.clone(),
+                KeyValue {
+                    key: k.clone(),
+                    create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                    mod_revision: rev,
+                    version: prev.map_or(0, |p| p.version) + 1,
+                    value: v.clone(),
+                    lease: 0,
+                },
+            );
+        }
         self.revs.push(m);
+    }
+    /// The events of revision `rev` in key order: puts (with their previous value) and
+    /// deletes (a tombstone and the deleted value).
+    fn events(&self, rev: i64) -> Vec<Event> {
+        let before = &self.revs[(rev - 2) as usize];
+        let after = &self.revs[(rev - 1) as usize];
+        let keys: std::collections::BTreeSet<&Vec<u8>> =
+            before.keys().chain(after.keys()).collect();
+        let mut events = Vec::new();
+        for k in keys {
+            match (before.get(k), after.get(k)) {
+                (prev, Some(kv)) if kv.mod_revision == rev => events.push(Event {
+                    kind: EventType::Put,
+                    kv: kv.clone(),
+                    prev_kv: prev.cloned(),
+                }),
+                (Some(prev), None) => events.push(Event {
+                    kind: EventType::Delete,
+                    kv: KeyValue {
+                        key: k.clone(),
+                        mod_revision: rev,
+                        ..Default::default()
+                    },
+                    prev_kv: Some(prev.clone()),
+                }),
+                _ => {}
+            }
+        }
+        events
     }
     fn delete(&mut self, r: &KeyRange) {
         let mut m = self.latest();
@@ -430,15 +465,23 @@ impl Model {
 #[derive(Debug, Clone)]
 enum Op {
     Put(u8, u8),
+    /// Puts of two distinct keys in one txn (one revision, two sub-revisions).
+    PutTwo(u8, u8, u8),
     Delete(u8, u8),
     Get(u8, u8, u8),
+    /// Compact at `current - back` (when that is above the compacted revision).
+    Compact(u8),
+    Reopen,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u8..6, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
-        (0u8..6, 0u8..7).prop_map(|(k, e)| Op::Delete(k, e)),
-        (0u8..6, 0u8..7, 0u8..40).prop_map(|(k, e, r)| Op::Get(k, e, r)),
+        6 => (0u8..6, any::<u8>()).prop_map(|(k, v)| Op::Put(k, v)),
+        2 => (0u8..6, 1u8..6, any::<u8>()).prop_map(|(k, d, v)| Op::PutTwo(k, (k + d) % 6, v)),
+        3 => (0u8..6, 0u8..7).prop_map(|(k, e)| Op::Delete(k, e)),
+        6 => (0u8..6, 0u8..7, 0u8..40).prop_map(|(k, e, r)| Op::Get(k, e, r)),
+        1 => (0u8..8).prop_map(Op::Compact),
+        1 => Just(Op::Reopen),
     ]
 }
 
@@ -447,9 +490,10 @@ proptest! {
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(&dir);
+        let mut s = open(&dir);
         let mut model = Model::default();
         model.revs.push(BTreeMap::new()); // revision 1: empty
+        let mut compacted = 0i64;
         let key = |k: u8| vec![b'k', k];
         let end = |e: u8| if e == 6 { vec![0] } else if e == 0 { vec![] } else { vec![b'k', e] };
         for op in ops {
@@ -457,6 +501,31 @@ proptest! {
                 Op::Put(k, v) => {
                     put(&s, std::str::from_utf8(&key(k)).expect("utf8"), &v.to_string());
                     model.put(key(k), v.to_string().into_bytes());
+                }
+                Op::PutTwo(a, b, v) => {
+                    let puts = [(key(a), vec![v]), (key(b), vec![v, 1])];
+                    let success = puts.iter().map(|(k, v)| RequestOp::Put(PutRequest {
+                        key: k.clone(),
+                        value: v.clone(),
+                        ..Default::default()
+                    })).collect();
+                    let txn = TxnRequest { compare: vec![], success, failure: vec![] };
+                    apply(&s, WriteRequest::Txn(txn)).expect("txn");
+                    model.put_all(&puts);
+                }
+                Op::Compact(back) => {
+                    let rev = model.revs.len() as i64 - back as i64;
+                    let got = apply(&s, WriteRequest::Compact { revision: rev });
+                    if rev > compacted && rev >= 1 {
+                        prop_assert!(got.is_ok(), "compact {} after {}: {:?}", rev, compacted, got);
+                        compacted = rev;
+                    } else {
+                        prop_assert!(got.is_err(), "compact {} after {}: {:?}", rev, compacted, got);
+                    }
+                }
+                Op::Reopen => {
+                    drop(s);
+                    s = open(&dir);
                 }
                 Op::Delete(k, e) => {
                     let range = KeyRange::new(&key(k), &end(e));
@@ -477,6 +546,10 @@ proptest! {
                         prop_assert_eq!(got, Err(Error::FutureRevision));
                         continue;
                     }
+                    if rev > 0 && rev < compacted {
+                        prop_assert_eq!(got, Err(Error::Compacted));
+                        continue;
+                    }
                     let at = if rev <= 0 { current } else { rev };
                     let range = KeyRange::new(&key(k), &end(e));
                     let want: Vec<KeyValue> = model.revs[(at - 1) as usize]
@@ -487,8 +560,40 @@ proptest! {
                 }
             }
         }
-        prop_assert_eq!(s.current_revision().expect("rev"), model.revs.len() as i64);
+        let current = model.revs.len() as i64;
+        prop_assert_eq!(s.current_revision().expect("rev"), current);
         prop_assert_eq!(s.check_live_index(), Ok(()));
+        // Watch catch-up from the compacted revision (or 2): every event with its prev_kv.
+        // An event at exactly the compacted revision may have lost its previous value.
+        let everything = KeyRange::new(&[0], &[0]);
+        let from = compacted.max(2);
+        let (mut got, next) = s.watch_events(&everything, from, current, true).expect("events");
+        prop_assert_eq!(next, current + 1);
+        let want: Vec<Event> = (from..=current).flat_map(|r| model.events(r)).collect();
+        // Within a revision, a txn's events come in op order, the model's in key order.
+        got.sort_by(|a, b| (a.kv.mod_revision, &a.kv.key).cmp(&(b.kv.mod_revision, &b.kv.key)));
+        for (g, w) in got.iter_mut().zip(&want) {
+            if g.kv.mod_revision == compacted && g.prev_kv.is_none() {
+                g.prev_kv = w.prev_kv.clone();
+            }
+        }
+        prop_assert_eq!(got, want);
+        // Compaction kept exactly every change above the compacted revision and each key's
+        // newest change at or below it, unless that is a tombstone below it.
+        let mut kept = Vec::new();
+        s.for_each_history(|r, kv, tombstone| kept.push((kv.key.clone(), r.main, tombstone))).expect("history");
+        kept.sort();
+        let mut changes: Vec<(Vec<u8>, i64, bool)> = (2..=current)
+            .flat_map(|r| model.events(r))
+            .map(|e| (e.kv.key, e.kv.mod_revision, e.kind == EventType::Delete))
+            .collect();
+        changes.sort();
+        let want: Vec<_> = changes.iter().enumerate().filter(|(i, (k, r, tombstone))| {
+            let newer_at_or_below = changes.get(i + 1).is_some_and(|n| &n.0 == k && n.1 <= compacted);
+            let deleted_below = *tombstone && *r < compacted;
+            *r > compacted || !(newer_at_or_below || deleted_below)
+        }).map(|(_, c)| c.clone()).collect();
+        prop_assert_eq!(kept, want);
     }
 }
 

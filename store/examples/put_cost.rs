@@ -1,0 +1,46 @@
+//! CPU cost of the store's write path per put, without raft or the network: batches of puts
+//! with random keys, as a member applies them under many clients.
+//!
+//! `cargo run --release -p keyhold-store --example put_cost -- [puts] [key space] [batch]`
+
+use std::time::Instant;
+
+use keyhold_store::{KvStore, PutRequest, StoreOptions, WriteRequest};
+
+fn main() {
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<usize>().expect("a number"));
+    let puts = args.next().unwrap_or(400_000);
+    let key_space = args.next().unwrap_or(100_000);
+    let batch = args.next().unwrap_or(32).max(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = KvStore::open(dir.path(), StoreOptions::default()).expect("open");
+    // A fixed xorshift sequence, so runs compare the same keys.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let value = vec![b'v'; 256];
+    let start = Instant::now();
+    let mut done = 0;
+    while done < puts {
+        let mut w = store.write_batch(0).expect("batch");
+        for _ in 0..batch.min(puts - done) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = format!("{:08}", x % key_space as u64).into_bytes();
+            let req = WriteRequest::Put(PutRequest {
+                key,
+                value: value.clone(),
+                ..PutRequest::default()
+            });
+            w.apply(&req).expect("put");
+            done += 1;
+        }
+        w.commit(&[]).expect("commit");
+    }
+    let took = start.elapsed();
+    println!(
+        "{puts} puts, {key_space} keys, batches of {batch}: {:.2} µs per put",
+        took.as_secs_f64() * 1e6 / puts as f64
+    );
+}
