@@ -1,11 +1,12 @@
 //! CPU cost of the store's write path per put, without raft or the network: batches of puts
-//! with random keys, as a member applies them under many clients.
+//! with random keys, as a member applies them under many clients. Then the cost of single-key
+//! reads at an older revision (half-way back), which walk each key's history chain.
 //!
 //! `cargo run --release -p keyhold-store --example put_cost -- [puts] [key space] [batch]`
 
 use std::time::Instant;
 
-use keyhold_store::{KvStore, PutRequest, StoreOptions, WriteRequest};
+use keyhold_store::{KvStore, PutRequest, RangeRequest, StoreOptions, WriteRequest};
 
 fn main() {
     let mut args = std::env::args()
@@ -42,5 +43,24 @@ fn main() {
     println!(
         "{puts} puts, {key_space} keys, batches of {batch}: {:.2} µs per put",
         took.as_secs_f64() * 1e6 / puts as f64
+    );
+    let revision = store.current_revision().expect("revision") / 2;
+    let reads = 10_000;
+    let start = Instant::now();
+    let mut found = 0;
+    for _ in 0..reads {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let req = RangeRequest {
+            key: format!("{:08}", x % key_space as u64).into_bytes(),
+            revision,
+            ..RangeRequest::default()
+        };
+        found += store.range(&req).expect("range").kvs.len();
+    }
+    println!(
+        "{reads} reads at revision {revision} ({found} found): {:.2} µs per read",
+        start.elapsed().as_secs_f64() * 1e6 / reads as f64
     );
 }

@@ -7,11 +7,12 @@
 //!   catch-up, historical reads and HashKV. Each record names the key's previous revision in the
 //!   same life (create to delete), so a key's history is a chain walked back from its newest
 //!   change.
-//! - `kv_tombstone`: escaped user key ++ `00 00` ++ revision → (); one entry per delete. It joins
-//!   a key's lives for reads at an older revision, which walk each key's chain back from its
-//!   latest value or newest tombstone. A put writes no index entry: a per-put entry in a
-//!   key-ordered keyspace cost about a third of the store's CPU per put (a random memtable
-//!   insert), while the chains cost nothing to keep.
+//! - `kv_sparse_index`: escaped user key ++ `00 00` ++ revision → mark; an entry per delete
+//!   (joining a key's lives) and per `StoreOptions::waypoint_versions`-th version of a life. A
+//!   read at an older revision `R` walks each key changed since `R` back along its chain from the
+//!   oldest mark above `R` (or its latest value): at most that many records per key. A put that
+//!   is no waypoint writes no index entry: an entry per put in a key-ordered keyspace cost about
+//!   a third of the store's CPU per put (a random memtable insert).
 //! - `lease`, `lease_keys`: lease records and (lease, key) attachments, so restart needs no scan.
 //! - `meta`: current and compact revision, alarms, and opaque entries of the raft layer (applied
 //!   log id) that are written in the same batch as the data they cover.
@@ -41,7 +42,7 @@ use crate::watch::WatchHub;
 
 const KS_LATEST: &str = "kv_latest";
 const KS_HISTORY: &str = "kv_history";
-const KS_TOMBSTONE: &str = "kv_tombstone";
+const KS_SPARSE_INDEX: &str = "kv_sparse_index";
 const KS_LEASE: &str = "lease";
 const KS_LEASE_KEYS: &str = "lease_keys";
 const KS_META: &str = "meta";
@@ -60,6 +61,10 @@ const SEALED_MEMTABLES_NEAR_STALL: usize = 2;
 /// Level-0 tables in one keyspace from which [`KvStore::write_may_stall`] says yes (fjall
 /// stalls writes from 20 level-0 runs; a run holds one table or more).
 const L0_TABLES_NEAR_STALL: usize = 16;
+
+/// Sparse index entry values: a delete, or a waypoint put.
+const MARK_TOMBSTONE: u8 = 0;
+const MARK_WAYPOINT: u8 = 1;
 
 /// One change in `kv_history`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -113,6 +118,9 @@ pub struct StoreOptions {
     pub quota_bytes: u64,
     /// Block cache size in bytes.
     pub cache_bytes: u64,
+    /// Every this many versions of a key's life, a put also writes a sparse index entry, which
+    /// bounds the records a read at an older revision walks per key (at least 1).
+    pub waypoint_versions: i64,
 }
 
 impl Default for StoreOptions {
@@ -120,6 +128,7 @@ impl Default for StoreOptions {
         Self {
             quota_bytes: limits::QUOTA_BACKEND_BYTES_DEFAULT,
             cache_bytes: 64 * 1024 * 1024,
+            waypoint_versions: limits::HISTORY_WAYPOINT_VERSIONS,
         }
     }
 }
@@ -150,7 +159,7 @@ pub struct KvStore {
     db: Database,
     latest: Keyspace,
     history: Keyspace,
-    tombstones: Keyspace,
+    sparse_index: Keyspace,
     lease: Keyspace,
     lease_keys: Keyspace,
     meta: Keyspace,
@@ -226,7 +235,7 @@ impl KvStore {
         let store = Self {
             latest: ks(KS_LATEST)?,
             history: ks(KS_HISTORY)?,
-            tombstones: ks(KS_TOMBSTONE)?,
+            sparse_index: ks(KS_SPARSE_INDEX)?,
             lease: ks(KS_LEASE)?,
             lease_keys: ks(KS_LEASE_KEYS)?,
             meta: ks(KS_META)?,
@@ -261,7 +270,7 @@ impl KvStore {
         [
             &self.latest,
             &self.history,
-            &self.tombstones,
+            &self.sparse_index,
             &self.lease,
             &self.lease_keys,
             &self.meta,
@@ -399,6 +408,40 @@ impl KvStore {
             return Err(Error::Storage(format!(
                 "live index holds {} keys, kv_latest {n} (for example {extra:?})",
                 index.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that the sparse index holds exactly one entry per tombstone and waypoint put in
+    /// history (for tests and debugging: it reads all history).
+    ///
+    /// # Errors
+    /// `Storage` naming the first difference, or on read failure.
+    pub fn check_sparse_index(&self) -> Result<()> {
+        let _writer = lock(&self.writer);
+        let mut want = Vec::new();
+        for item in self.history.iter() {
+            let (k, v) = item.into_inner()?;
+            let r = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
+            let rec: HistoryRecord = decode(&v)?;
+            if rec.tombstone {
+                want.push((keys::index_key(&rec.kv.key, r), MARK_TOMBSTONE));
+            } else if self.is_waypoint(&rec.kv) {
+                want.push((keys::index_key(&rec.kv.key, r), MARK_WAYPOINT));
+            }
+        }
+        want.sort();
+        let mut got = Vec::new();
+        for item in self.sparse_index.iter() {
+            let (k, v) = item.into_inner()?;
+            got.push((k.to_vec(), v.first().copied().unwrap_or(u8::MAX)));
+        }
+        if let Some(i) = (0..want.len().max(got.len())).find(|&i| want.get(i) != got.get(i)) {
+            return Err(Error::Storage(format!(
+                "sparse index entry {i}: history wants {:?}, index has {:?}",
+                want.get(i),
+                got.get(i)
             )));
         }
         Ok(())
@@ -672,11 +715,16 @@ impl KvStore {
         })
     }
 
+    /// Whether the put of `kv` also writes a sparse index entry.
+    fn is_waypoint(&self, kv: &KeyValue) -> bool {
+        kv.version % self.options.waypoint_versions.max(1) == 0
+    }
+
     /// Removes history below `rev` in bounded batches; idempotent, resumed by `open`.
     ///
     /// A change at or below `rev` goes when a newer change of its key is at or below `rev` too,
-    /// and that change names it as `prev`; a tombstone below `rev` goes with its index entry (a
-    /// deleted key reads as absent either way). So one pass over the history written since the
+    /// and that change names it as `prev`; a tombstone below `rev` goes (a deleted key reads as
+    /// absent either way), each with its sparse index entry. So one pass over the history written since the
     /// last compaction finds everything to remove, however large the key space. Each record's
     /// removals share a batch, so a resumed pass never misses the change a removed tombstone
     /// named.
@@ -693,14 +741,17 @@ impl KvStore {
             let r = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
             let rec: HistoryRecord = decode(&v)?;
             if rec.prev != 0
-                && let Some((prev, _)) = view.record_at(&rec.kv.key, rec.prev)?
+                && let Some((prev, prev_rec)) = view.record_at(&rec.kv.key, rec.prev)?
             {
                 batch.remove(&self.history, prev.to_bytes().to_vec());
+                if self.is_waypoint(&prev_rec.kv) {
+                    batch.remove(&self.sparse_index, keys::index_key(&rec.kv.key, prev));
+                }
                 pending += 1;
             }
             if rec.tombstone && r.main < rev {
                 batch.remove(&self.history, k.to_vec());
-                batch.remove(&self.tombstones, keys::index_key(&rec.kv.key, r));
+                batch.remove(&self.sparse_index, keys::index_key(&rec.kv.key, r));
                 pending += 1;
             }
             if pending >= limits::COMPACTION_BATCH_ENTRIES_MAX {
@@ -793,7 +844,14 @@ impl View<'_> {
     /// most once per main revision; other keys share it only inside a txn).
     fn record_at(&self, key: &[u8], main: i64) -> Result<Option<(Revision, HistoryRecord)>> {
         let store = self.store();
-        let lo = Revision::new(main, 0).to_bytes().to_vec();
+        // Sub-revision 0 first: a point lookup, and the only change of most revisions.
+        let first = Revision::new(main, 0);
+        if let Some(v) = self.get(&store.history, &first.to_bytes())?
+            && decode::<HistoryKey<'_>>(&v)?.key == key
+        {
+            return Ok(Some((first, decode(&v)?)));
+        }
+        let lo = Revision::new(main, 1).to_bytes().to_vec();
         let hi = Revision::new(main + 1, 0).to_bytes().to_vec();
         for item in self.range(&store.history, lo, Some(hi)) {
             let (k, v) = item.into_inner()?;
@@ -806,39 +864,37 @@ impl View<'_> {
         Ok(None)
     }
 
-    /// Main revision of the newest tombstone of `key` below main revision `below`.
-    fn tombstone_below(&self, key: &[u8], below: i64) -> Result<Option<i64>> {
+    /// Main revision of the oldest sparse index entry of `key` above main revision `rev`.
+    fn mark_above(&self, key: &[u8], rev: i64) -> Result<Option<i64>> {
         let store = self.store();
-        let lo = keys::index_key(key, Revision::new(0, 0));
-        let hi = keys::index_key(key, Revision::new(below, 0));
-        let Some(item) = self.range(&store.tombstones, lo, Some(hi)).next_back() else {
+        let lo = keys::index_key(key, Revision::new(rev + 1, 0));
+        let hi = keys::index_key(key, Revision::new(i64::MAX, i64::MAX));
+        let Some(item) = self.range(&store.sparse_index, lo, Some(hi)).next() else {
             return Ok(None);
         };
         let k = item.key()?;
-        let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("tombstone key"))?;
+        let (_, r) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
         Ok(Some(r.main))
     }
 
-    /// The state of `key` at `rev`, from its newest change: `head` is its live value, or None
-    /// when it is deleted (then `newest_tombstone` is its delete, when known). Walks the key's
-    /// chain back, and across a delete into its previous life, until a change at or below
-    /// `rev`; compaction keeps that change (or removes a tombstone, which reads as absent).
-    fn state_at(
-        &self,
-        key: &[u8],
-        head: Option<KeyValue>,
-        newest_tombstone: Option<i64>,
-        rev: i64,
-    ) -> Result<Option<KeyValue>> {
+    /// The state of `key` at `rev`, given its live value now (`head`, None when deleted).
+    ///
+    /// Walks the key's chain back to its change at or below `rev`. Where there is no mark above
+    /// `rev` within `waypoint_versions` of the head, the walk starts at the oldest one, so it
+    /// reads at most that many records; it crosses into an earlier life the same way (a life
+    /// ends with a tombstone, which is a mark). Compaction keeps the change found, or removes a
+    /// tombstone below the compacted revision, which reads as absent all the same.
+    fn state_at(&self, key: &[u8], head: Option<KeyValue>, rev: i64) -> Result<Option<KeyValue>> {
+        let waypoints = self.store().options.waypoint_versions.max(1);
         let mut at = match &head {
             Some(kv) if kv.mod_revision <= rev => return Ok(head),
-            Some(kv) => kv.mod_revision,
-            None => match newest_tombstone {
-                Some(t) => t,
-                None => match self.tombstone_below(key, i64::MAX)? {
-                    Some(t) => t,
-                    None => return Ok(None),
-                },
+            // A short life: no waypoint in it, and at most `waypoints` records to walk.
+            Some(kv) if kv.version <= waypoints => kv.mod_revision,
+            _ => match (self.mark_above(key, rev)?, &head) {
+                (Some(mark), _) => mark,
+                (None, Some(kv)) => kv.mod_revision,
+                // Deleted now with no mark above `rev`: its last tombstone is at or below it.
+                (None, None) => return Ok(None),
             },
         };
         loop {
@@ -851,10 +907,11 @@ impl View<'_> {
             at = if rec.prev != 0 {
                 rec.prev
             } else {
-                // Created after `rev`: the previous life, if any, ended with a tombstone.
-                match self.tombstone_below(key, at)? {
-                    Some(t) => t,
-                    None => return Ok(None),
+                // This life began after `rev`. An earlier one that reaches above `rev` ends with
+                // a tombstone there; without one, the key was absent at `rev`.
+                match self.mark_above(key, rev)? {
+                    Some(mark) if mark < at => mark,
+                    _ => return Ok(None),
                 }
             };
         }
@@ -868,31 +925,33 @@ impl View<'_> {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        // Deleted keys in the range, each with its newest tombstone.
+        if range.end == KeyEnd::Single {
+            let head = self.latest_in(range)?.pop();
+            return Ok(self
+                .state_at(&range.start, head, rev)?
+                .into_iter()
+                .collect());
+        }
+        // Keys in the range with marks: those not live now were deleted.
         let lo = keys::index_key_prefix(&range.start);
         let hi = match &range.end {
-            KeyEnd::Single => Some(keys::index_key(
-                &range.start,
-                Revision::new(i64::MAX, i64::MAX),
-            )),
-            KeyEnd::Unbounded => None,
+            KeyEnd::Single | KeyEnd::Unbounded => None,
             KeyEnd::Before(e) => Some(keys::index_key_prefix(e)),
         };
-        let mut deleted: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
-        for item in self.range(&store.tombstones, lo, hi) {
+        let mut deleted: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for item in self.range(&store.sparse_index, lo, hi) {
             let k = item.key()?;
-            let (key, r) = keys::split_index_key(&k).ok_or_else(|| bad("tombstone key"))?;
-            let newest = deleted.entry(key).or_insert(r.main);
-            *newest = (*newest).max(r.main);
+            let (key, _) = keys::split_index_key(&k).ok_or_else(|| bad("index key"))?;
+            deleted.insert(key);
         }
         let mut out = Vec::new();
         for kv in self.latest_in(range)? {
             deleted.remove(&kv.key);
             let key = kv.key.clone();
-            out.extend(self.state_at(&key, Some(kv), None, rev)?);
+            out.extend(self.state_at(&key, Some(kv), rev)?);
         }
-        for (key, tombstone) in deleted {
-            out.extend(self.state_at(&key, None, Some(tombstone), rev)?);
+        for key in deleted {
+            out.extend(self.state_at(&key, None, rev)?);
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -1405,6 +1464,10 @@ impl<'a> WriteTxn<'a> {
         let history = live_history_record(&latest, old.map_or(0, |l| l.mod_revision))?;
         self.insert(&store.history, rev.to_bytes().to_vec(), history);
         self.insert(&store.latest, kv.key.clone(), latest);
+        if store.is_waypoint(&kv) {
+            let mark = keys::index_key(&kv.key, rev);
+            self.insert(&store.sparse_index, mark, vec![MARK_WAYPOINT]);
+        }
         let old_lease = old.map_or(0, |l| l.lease);
         if old_lease != kv.lease {
             if old_lease != 0 {
@@ -1499,7 +1562,8 @@ impl<'a> WriteTxn<'a> {
                 prev: live.mod_revision,
             };
             self.insert(&store.history, rev.to_bytes().to_vec(), encode(&rec)?);
-            self.insert(&store.tombstones, keys::index_key(key, rev), Vec::new());
+            let mark = keys::index_key(key, rev);
+            self.insert(&store.sparse_index, mark, vec![MARK_TOMBSTONE]);
             self.remove(&store.latest, key.clone());
             if live.lease != 0 {
                 self.remove(&store.lease_keys, lease_key(live.lease, key));

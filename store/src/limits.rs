@@ -21,6 +21,9 @@ pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
 pub const QUOTA_PUT_OVERHEAD_BYTES: u64 = 256;
 /// Bytes charged per LeaseGrant for the quota check.
 pub const QUOTA_LEASE_GRANT_BYTES: u64 = 64;
+/// Versions of a key's life between its sparse index entries (`StoreOptions::waypoint_versions`):
+/// a read at an older revision walks at most this many history records per key.
+pub const HISTORY_WAYPOINT_VERSIONS: i64 = 128;
 /// Keys the live index loads per step at start-up; the writer waits for at most one step.
 pub const LIVE_INDEX_LOAD_CHUNK_KEYS: usize = 4096;
 

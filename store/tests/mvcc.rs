@@ -488,8 +488,14 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
-    fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn store_matches_model(
+        ops in proptest::collection::vec(op(), 1..60),
+        waypoints in 1i64..4,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Sparse index entries every 1 to 3 versions, so reads start their walks from them.
+        let options = StoreOptions { waypoint_versions: waypoints, ..StoreOptions::default() };
+        let open = |dir: &tempfile::TempDir| KvStore::open(dir.path(), options.clone()).expect("open");
         let mut s = open(&dir);
         let mut model = Model::default();
         model.revs.push(BTreeMap::new()); // revision 1: empty
@@ -563,6 +569,7 @@ proptest! {
         let current = model.revs.len() as i64;
         prop_assert_eq!(s.current_revision().expect("rev"), current);
         prop_assert_eq!(s.check_live_index(), Ok(()));
+        prop_assert_eq!(s.check_sparse_index(), Ok(()));
         // Watch catch-up from the compacted revision (or 2): every event with its prev_kv.
         // An event at exactly the compacted revision may have lost its previous value.
         let everything = KeyRange::new(&[0], &[0]);
