@@ -724,10 +724,10 @@ impl KvStore {
     ///
     /// A change at or below `rev` goes when a newer change of its key is at or below `rev` too,
     /// and that change names it as `prev`; a tombstone below `rev` goes (a deleted key reads as
-    /// absent either way), each with its sparse index entry. So one pass over the history written since the
-    /// last compaction finds everything to remove, however large the key space. Each record's
-    /// removals share a batch, so a resumed pass never misses the change a removed tombstone
-    /// named.
+    /// absent either way). Each goes with its sparse index entry. So one pass over the history
+    /// written since the last compaction finds everything to remove, however large the key
+    /// space. Each record's removals share a batch, so a resumed pass never misses the change a
+    /// removed tombstone named.
     fn run_compaction(&self, rev: i64) -> Result<()> {
         let from = self.compact_revision()?;
         let lo = Revision::new(from, 0).to_bytes();
@@ -879,11 +879,11 @@ impl View<'_> {
 
     /// The state of `key` at `rev`, given its live value now (`head`, None when deleted).
     ///
-    /// Walks the key's chain back to its change at or below `rev`. Where there is no mark above
-    /// `rev` within `waypoint_versions` of the head, the walk starts at the oldest one, so it
-    /// reads at most that many records; it crosses into an earlier life the same way (a life
-    /// ends with a tombstone, which is a mark). Compaction keeps the change found, or removes a
-    /// tombstone below the compacted revision, which reads as absent all the same.
+    /// Walks the key's chain back to its change at or below `rev`. In a life longer than
+    /// `waypoint_versions`, the walk starts at the oldest mark above `rev` instead of the head,
+    /// so it reads at most that many records; it crosses into an earlier life the same way (a
+    /// life ends with a tombstone, which is a mark). Compaction keeps the change found, or
+    /// removes a tombstone below the compacted revision, which reads as absent all the same.
     fn state_at(&self, key: &[u8], head: Option<KeyValue>, rev: i64) -> Result<Option<KeyValue>> {
         let waypoints = self.store().options.waypoint_versions.max(1);
         let mut at = match &head {

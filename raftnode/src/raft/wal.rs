@@ -483,6 +483,24 @@ mod tests {
         out
     }
 
+    /// A log holding records 1 and 2, closed; then `bytes` written `gap` bytes past the end of
+    /// its records, as a crash in the middle of a write could leave them.
+    fn two_records_then(bytes: &[u8], gap: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path()).expect("open");
+        wal.append(1, &payloads(1..3)).expect("append");
+        drop(wal);
+        let end: u64 = payloads(1..3)
+            .iter()
+            .map(|p| p.len() as u64 + HEADER_BYTES)
+            .sum();
+        let seg = dir.path().join(segment_name(1));
+        let f = OpenOptions::new().write(true).open(&seg).expect("segment");
+        f.write_all_at(bytes, end + gap)
+            .expect("write past the records");
+        dir
+    }
+
     #[test]
     fn segments_are_preallocated_and_appends_land_inside() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -517,21 +535,8 @@ mod tests {
     /// later append that ends where it starts would make it readable at a wrong index.
     #[test]
     fn a_stale_record_behind_a_gap_is_never_read_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let wal = Wal::open(dir.path()).expect("open");
-        wal.append(1, &payloads(1..3)).expect("append");
-        drop(wal);
-        let seg = dir.path().join(segment_name(1));
-        let end: u64 = payloads(1..3)
-            .iter()
-            .map(|p| p.len() as u64 + HEADER_BYTES)
-            .sum();
         let next = payloads(3..4);
-        let gap = record(&next[0]).len() as u64;
-        let f = OpenOptions::new().write(true).open(&seg).expect("segment");
-        f.write_all_at(&record(b"stale"), end + gap)
-            .expect("stale record");
-        drop(f);
+        let dir = two_records_then(&record(b"stale"), record(&next[0]).len() as u64);
         let wal = Wal::open(dir.path()).expect("recover");
         assert_eq!(wal.bounds(), Some((1, 2)));
         // Fills the gap exactly: the stale record would be next.
@@ -544,19 +549,7 @@ mod tests {
 
     #[test]
     fn a_torn_record_inside_the_segment_is_cut() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let wal = Wal::open(dir.path()).expect("open");
-        wal.append(1, &payloads(1..3)).expect("append");
-        drop(wal);
-        let seg = dir.path().join(segment_name(1));
-        let end: u64 = payloads(1..3)
-            .iter()
-            .map(|p| p.len() as u64 + HEADER_BYTES)
-            .sum();
-        let f = OpenOptions::new().write(true).open(&seg).expect("segment");
-        f.write_all_at(&[0, 0, 0, 50, 1, 2, 3], end)
-            .expect("torn write");
-        drop(f);
+        let dir = two_records_then(&[0, 0, 0, 50, 1, 2, 3], 0);
         let wal = Wal::open(dir.path()).expect("recover");
         assert_eq!(wal.bounds(), Some((1, 2)));
         wal.append(3, &payloads(3..4)).expect("append after cut");
