@@ -19,18 +19,20 @@ fn main() {
     let store = KvStore::open(dir.path(), StoreOptions::default()).expect("open");
     // A fixed xorshift sequence, so runs compare the same keys.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next_key = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        format!("{:08}", x % key_space as u64).into_bytes()
+    };
     let value = vec![b'v'; 256];
     let start = Instant::now();
     let mut done = 0;
     while done < puts {
         let mut w = store.write_batch(0).expect("batch");
         for _ in 0..batch.min(puts - done) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let key = format!("{:08}", x % key_space as u64).into_bytes();
             let req = WriteRequest::Put(PutRequest {
-                key,
+                key: next_key(),
                 value: value.clone(),
                 ..PutRequest::default()
             });
@@ -49,11 +51,8 @@ fn main() {
     let start = Instant::now();
     let mut found = 0;
     for _ in 0..reads {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
         let req = RangeRequest {
-            key: format!("{:08}", x % key_space as u64).into_bytes(),
+            key: next_key(),
             revision,
             ..RangeRequest::default()
         };

@@ -193,9 +193,7 @@ impl Wal {
         let mut locations = Vec::with_capacity(payloads.len());
         for (i, p) in payloads.iter().enumerate() {
             let offset = seg.len + buf.len() as u64;
-            buf.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            buf.extend_from_slice(&crc32c::crc32c(p).to_be_bytes());
-            buf.extend_from_slice(p);
+            push_record(&mut buf, p);
             locations.push((
                 first + i as u64,
                 Location {
@@ -379,13 +377,17 @@ fn posix_fallocate(fd: std::os::fd::RawFd, len: libc::off_t) -> i32 {
     unsafe { libc::posix_fallocate(fd, 0, len) }
 }
 
+/// Appends the record of `payload` (length, checksum, payload) to `buf`.
+fn push_record(buf: &mut Vec<u8>, payload: &[u8]) {
+    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&crc32c::crc32c(payload).to_be_bytes());
+    buf.extend_from_slice(payload);
+}
+
 fn parse_record(data: &[u8]) -> Option<&[u8]> {
     let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
     let crc = u32::from_be_bytes(data.get(4..8)?.try_into().ok()?);
-    if len > RECORD_BYTES_MAX {
-        return None;
-    }
-    if len == 0 {
+    if len == 0 || len > RECORD_BYTES_MAX {
         return None;
     }
     let payload = data.get(8..8 + len)?;
@@ -477,9 +479,8 @@ mod tests {
 
     /// Encoded record of `payload`, as `append` writes it.
     fn record(payload: &[u8]) -> Vec<u8> {
-        let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&crc32c::crc32c(payload).to_be_bytes());
-        out.extend_from_slice(payload);
+        let mut out = Vec::new();
+        push_record(&mut out, payload);
         out
     }
 
