@@ -103,6 +103,22 @@ pub struct Config {
     /// `0` disables auto compaction.
     #[arg(long, env = "KEYHOLD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+    /// History records a compaction sweep step reads; writes go on between steps.
+    #[arg(
+        long,
+        alias = "experimental-compaction-batch-limit",
+        env = "KEYHOLD_COMPACTION_BATCH_LIMIT",
+        default_value_t = 1000
+    )]
+    pub compaction_batch_limit: usize,
+    /// Pause between compaction sweep steps (`10ms`).
+    #[arg(
+        long,
+        alias = "experimental-compaction-sleep-interval",
+        env = "KEYHOLD_COMPACTION_SLEEP_INTERVAL",
+        default_value = "10ms"
+    )]
+    pub compaction_sleep_interval: String,
     /// Interval of progress notifications for watchers that asked for them (`10m`, `500ms`).
     #[arg(
         long,
@@ -155,6 +171,10 @@ pub struct ValidConfig {
     pub max_txn_ops: usize,
     /// Auto compaction.
     pub auto_compaction: AutoCompaction,
+    /// History records per compaction sweep step.
+    pub compaction_batch_limit: usize,
+    /// Pause between compaction sweep steps.
+    pub compaction_sleep_interval: Duration,
     /// Watch progress notify interval.
     pub progress_notify_interval: Duration,
     /// Log filter.
@@ -376,6 +396,12 @@ impl Config {
                 "--watch-progress-notify-interval must be at least 100ms".into(),
             ));
         }
+        if self.compaction_batch_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "--compaction-batch-limit must be > 0".into(),
+            ));
+        }
+        let compaction_sleep_interval = parse_duration(&self.compaction_sleep_interval, 1)?;
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "--max-txn-ops and --max-request-bytes must be > 0".into(),
@@ -400,6 +426,8 @@ impl Config {
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             auto_compaction,
+            compaction_batch_limit: self.compaction_batch_limit,
+            compaction_sleep_interval,
             progress_notify_interval: progress,
             log_level: self.log_level,
             debug_dump_history: self.debug_dump_history,

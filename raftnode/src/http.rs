@@ -101,6 +101,14 @@ fn refresh_gauges(node: &Node) {
         .set(node.store.current_revision().unwrap_or(0) as f64);
     metrics::gauge!("etcd_debugging_mvcc_compact_revision")
         .set(node.store.compact_revision().unwrap_or(0) as f64);
+    // 1 while history still holds changes the applied compaction removes (see `sweep_driver`).
+    metrics::gauge!("keyhold_mvcc_compaction_sweep_pending").set(
+        if node.store.compaction_pending().unwrap_or(false) {
+            1.0
+        } else {
+            0.0
+        },
+    );
     metrics::gauge!("etcd_debugging_mvcc_watcher_total").set(node.store.hub().len() as f64);
     metrics::gauge!("etcd_debugging_lease_total")
         .set(node.store.with_lessor(|l| l.ids().len()) as f64);

@@ -391,6 +391,11 @@ impl Node {
     /// # Errors
     /// Store domain errors, `NoLeader`, `Timeout`, `Stopped`, `TooManyRequests`.
     pub async fn propose(&self, req: WriteRequest) -> Result<WriteResponse> {
+        self.propose_at(req).await.map(|(_, resp)| resp)
+    }
+
+    /// [`Node::propose`], also returning the log index the request was applied at.
+    async fn propose_at(&self, req: WriteRequest) -> Result<(u64, WriteResponse)> {
         let (committed, applied) = self.raft_indexes();
         if committed.saturating_sub(applied) > APPLY_GAP_MAX {
             return Err(Error::TooManyRequests);
@@ -403,7 +408,7 @@ impl Node {
         match tokio::time::timeout(self.request_timeout(), rx).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(_)) => Err(Error::Stopped),
-            Ok(Ok(result)) => result.and_then(|(_, r)| r.map_err(Error::Store)),
+            Ok(Ok(result)) => result.and_then(|(index, r)| Ok((index, r.map_err(Error::Store)?))),
         }
     }
 
@@ -682,13 +687,26 @@ impl Node {
         });
     }
 
-    /// Proposes a compaction. Every member reclaims the compacted history's disk space in the
-    /// background once it has applied it (see `reclaim_driver`), so no defragment is needed.
+    /// Proposes a compaction. It takes effect when applied; every member then sweeps the
+    /// history it makes unreachable and reclaims the disk space in the background (see
+    /// `sweep_driver`), so no defragment is needed. With `physical` (etcd's flag), answers once
+    /// this member's sweep is done.
     ///
     /// # Errors
-    /// As [`Node::propose`].
-    pub async fn compact(&self, revision: i64) -> Result<WriteResponse> {
-        self.propose(WriteRequest::Compact { revision }).await
+    /// As [`Node::propose`]; `Timeout` when this member does not apply it in time.
+    pub async fn compact(&self, revision: i64, physical: bool) -> Result<WriteResponse> {
+        let (index, resp) = self.propose_at(WriteRequest::Compact { revision }).await?;
+        if physical {
+            // Applied on the leader; a follower may still be behind it.
+            tokio::time::timeout(self.request_timeout(), self.router().wait_applied(index))
+                .await
+                .map_err(|_| Error::Timeout)??;
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.finish_compaction())
+                .await
+                .map_err(|_| Error::Stopped)??;
+        }
+        Ok(resp)
     }
 
     /// Runs blocking store work.
@@ -829,7 +847,12 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         tokio::spawn(read_indexer(node.router(), read_queue)),
         tokio::spawn(lessor_driver(node.clone())),
         tokio::spawn(compaction_driver(node.clone())),
-        tokio::spawn(reclaim_driver(node.store.clone(), compacted)),
+        tokio::spawn(sweep_driver(
+            node.store.clone(),
+            compacted,
+            config.compaction_batch_limit,
+            config.compaction_sleep_interval,
+        )),
         tokio::spawn(crate::membership::publish(node.clone())),
         tokio::spawn(crate::http::metrics_driver(node.clone())),
     ];
@@ -952,18 +975,48 @@ async fn ask_cluster_id(config: &ValidConfig, peers: &Peers) -> anyhow::Result<u
     }
 }
 
-/// Reclaims compacted history on disk after each applied compaction, off the apply path.
-async fn reclaim_driver(store: Arc<KvStore>, compacted: Arc<tokio::sync::Notify>) {
+/// Sweeps the history each applied compaction makes unreachable, in steps of
+/// `--compaction-batch-limit` records `--compaction-sleep-interval` apart (writes go on beside
+/// each step), then reclaims its disk space. Runs at start-up first, to finish a sweep that a
+/// stop or a snapshot install left behind.
+async fn sweep_driver(
+    store: Arc<KvStore>,
+    compacted: Arc<tokio::sync::Notify>,
+    batch: usize,
+    pause: Duration,
+) {
     loop {
-        compacted.notified().await;
-        let store = store.clone();
+        let started = std::time::Instant::now();
+        let mut steps = 0u64;
+        loop {
+            let s = store.clone();
+            steps += 1;
+            match tokio::task::spawn_blocking(move || s.sweep_compacted(batch)).await {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => tokio::time::sleep(pause).await,
+                Ok(Err(e)) => {
+                    // The step left no trace; the next compaction (or restart) redoes it.
+                    tracing::warn!(error = %e, "compaction sweep");
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        if steps > 1 {
+            tracing::info!(
+                steps,
+                took_ms = started.elapsed().as_millis() as u64,
+                "compaction sweep done"
+            );
+        }
+        let s = store.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let (before, started) = (store.size_bytes(), std::time::Instant::now());
-            match store.reclaim_compacted() {
+            let (before, started) = (s.size_bytes(), std::time::Instant::now());
+            match s.reclaim_compacted() {
                 Ok(false) => {}
                 Ok(true) => tracing::info!(
                     before_bytes = before,
-                    after_bytes = store.size_bytes(),
+                    after_bytes = s.size_bytes(),
                     took_ms = started.elapsed().as_millis() as u64,
                     "reclaimed compacted history"
                 ),
@@ -971,6 +1024,7 @@ async fn reclaim_driver(store: Arc<KvStore>, compacted: Arc<tokio::sync::Notify>
             }
         })
         .await;
+        compacted.notified().await;
     }
 }
 

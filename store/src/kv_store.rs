@@ -14,18 +14,24 @@
 //!   is no waypoint writes no index entry: an entry per put in a key-ordered keyspace cost about
 //!   a third of the store's CPU per put (a random memtable insert).
 //! - `lease`, `lease_keys`: lease records and (lease, key) attachments, so restart needs no scan.
-//! - `meta`: current and compact revision, alarms, and opaque entries of the raft layer (applied
-//!   log id) that are written in the same batch as the data they cover.
+//! - `meta`: current and compact revision, how far compaction has swept history, alarms, and
+//!   opaque entries of the raft layer (applied log id) that are written in the same batch as the
+//!   data they cover.
 //!
 //! Beside them, the writer keeps every live key's revisions, version and lease in memory (see
 //! `live_index`), so a put reads the previous value only when something asks for it.
 //!
 //! Readers use a fjall snapshot, so a range sees one revision even while writes are applied. The
 //! single writer is a [`WriteBatch`] (or [`KvStore::apply`], a batch of one): each commits
-//! exactly one fjall batch however many revisions it holds (plus, for a compaction, bounded
-//! follow-up batches that are resumed after a crash).
+//! exactly one fjall batch however many revisions it holds.
+//!
+//! A compaction takes effect when it is applied: reads and watches below its revision fail at
+//! once. Removing the history it makes unreachable is a sweep of bounded steps beside the writer
+//! ([`KvStore::sweep_compacted`]), resumed after a crash, so a large compaction never stalls
+//! writes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -48,12 +54,18 @@ const KS_LEASE_KEYS: &str = "lease_keys";
 const KS_META: &str = "meta";
 
 const META_REVISION: &[u8] = b"revision";
+/// The compacted revision clients see; written with the Compact request's revision.
 const META_COMPACT: &[u8] = b"compact_revision";
-const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
+/// History holds nothing that compaction at this revision removes.
+const META_COMPACT_SWEPT: &[u8] = b"compact_swept";
+/// The sweep under way: its target revision, then the last history key it handled.
+const META_COMPACT_SWEEP: &[u8] = b"compact_sweep";
+/// The current revision when compacted history was last reclaimed (see `KvStore::reclaim`).
+const META_RECLAIMED: &[u8] = b"reclaimed_revision";
 const META_ALARMS: &[u8] = b"alarms";
 const META_FORMAT: &[u8] = b"format";
 /// On-disk format of this store; bumped on incompatible layout changes.
-const FORMAT_VERSION: &[u8] = b"keyhold-store-2";
+const FORMAT_VERSION: &[u8] = b"keyhold-store-3";
 
 /// Sealed memtables in one keyspace from which [`KvStore::write_may_stall`] says yes (fjall
 /// halts writes at 4).
@@ -171,6 +183,8 @@ pub struct KvStore {
     live_loader: Mutex<Option<LiveIndexLoader>>,
     state: Mutex<State>,
     hub: Mutex<WatchHub>,
+    /// Held by a compaction sweep step, and by a snapshot import for its whole length.
+    sweeper: Mutex<()>,
     /// History entries removed by compaction since the last [`KvStore::reclaim_compacted`].
     removed_since_reclaim: std::sync::atomic::AtomicU64,
 }
@@ -209,8 +223,8 @@ fn lease_key(id: i64, key: &[u8]) -> Vec<u8> {
 }
 
 impl KvStore {
-    /// Opens (or creates) the store in `path`, resuming an interrupted compaction, and loads
-    /// the live index before returning.
+    /// Opens (or creates) the store in `path` and loads the live index before returning. A
+    /// compaction sweep left unfinished stays so until [`KvStore::sweep_compacted`] resumes it.
     ///
     /// # Errors
     /// `Storage` when the directory cannot be opened or holds another format.
@@ -248,6 +262,7 @@ impl KvStore {
                 alarms: BTreeSet::new(),
             }),
             hub: Mutex::new(WatchHub::new(1)),
+            sweeper: Mutex::new(()),
             removed_since_reclaim: std::sync::atomic::AtomicU64::new(0),
         };
         match store.meta.get(META_FORMAT)? {
@@ -315,10 +330,6 @@ impl KvStore {
             hub.jump_to(current);
         }
         drop(hub);
-        let scheduled = i64_at(self.meta.get(META_COMPACT_SCHEDULED)?)?;
-        if scheduled > i64_at(self.meta.get(META_COMPACT)?)? {
-            self.run_compaction(scheduled)?;
-        }
         Ok(())
     }
 
@@ -642,13 +653,23 @@ impl KvStore {
         Ok((events, to + 1))
     }
 
-    /// HashKV: CRC-32C over history up to `revision` (0 = current). Returns
-    /// `(hash, compact_revision, hashed_revision)`; equal on stores with equal history.
+    /// HashKV: CRC-32C over history up to `revision` (0 = current), after finishing any
+    /// compaction sweep. Returns `(hash, compact_revision, hashed_revision)`; equal on stores
+    /// with equal history.
     ///
     /// # Errors
     /// `Compacted`, `FutureRevision`, `Storage`.
     pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
-        let snap = self.db.snapshot();
+        // Members sweep at their own pace: hash only swept history, so that equal histories
+        // hash equal (a compaction applied after the sweep finishes means one more round).
+        let snap = loop {
+            self.finish_compaction()?;
+            let snap = self.db.snapshot();
+            let swept = i64_at(snap.get(&self.meta, META_COMPACT_SWEPT)?)?;
+            if swept >= i64_at(snap.get(&self.meta, META_COMPACT)?)? {
+                break snap;
+            }
+        };
         let current = i64_at(snap.get(&self.meta, META_REVISION)?)?.max(1);
         let compacted = i64_at(snap.get(&self.meta, META_COMPACT)?)?;
         let rev = if revision <= 0 { current } else { revision };
@@ -720,24 +741,54 @@ impl KvStore {
         kv.version % self.options.waypoint_versions.max(1) == 0
     }
 
-    /// Removes history below `rev` in bounded batches; idempotent, resumed by `open`.
+    /// One step of the compaction sweep: reads up to `max_records` history records and removes
+    /// what compaction makes unreachable, in one batch. Returns whether history is swept
+    /// through the compacted revision (then there is nothing to do).
     ///
-    /// A change at or below `rev` goes when a newer change of its key is at or below `rev` too,
-    /// and that change names it as `prev`; a tombstone below `rev` goes (a deleted key reads as
-    /// absent either way). Each goes with its sparse index entry. So one pass over the history
-    /// written since the last compaction finds everything to remove, however large the key
-    /// space. Each record's removals share a batch, so a resumed pass never misses the change a
-    /// removed tombstone named.
-    fn run_compaction(&self, rev: i64) -> Result<()> {
-        let from = self.compact_revision()?;
-        let lo = Revision::new(from, 0).to_bytes();
-        let hi = Revision::new(rev, i64::MAX).to_bytes();
+    /// A change at or below the sweep's target revision goes when a newer change of its key is
+    /// at or below it too, and that change names it as `prev`; a tombstone below the target
+    /// goes (a deleted key reads as absent either way). Each goes with its sparse index entry.
+    /// So one pass over the history written since the previous target finds everything to
+    /// remove, however large the key space. A step ends between records, so a resumed pass
+    /// never misses the change a removed tombstone named. A pass keeps its target to the end: a
+    /// compaction applied meanwhile starts another pass, which rereads the old target's
+    /// revision (a tombstone there is kept by one pass and removed by the next).
+    ///
+    /// Runs beside the writer without its lock. The sweep removes only changes at or below the
+    /// compacted revision that are not a key's newest one there, and reads at or above that
+    /// revision never reach those: they stop at the first change at or below their revision.
+    ///
+    /// # Errors
+    /// `Storage`: the step is not applied, and a later one redoes it.
+    pub fn sweep_compacted(&self, max_records: usize) -> Result<bool> {
+        let _sweeper = lock(&self.sweeper);
+        let compacted = self.compact_revision()?;
+        let (target, from) = match self.meta.get(META_COMPACT_SWEEP)? {
+            Some(v) => {
+                let (target, last) = v.split_at(8.min(v.len()));
+                let target = i64_at(Some(target.into()))?;
+                (target, Bound::Excluded(last.to_vec()))
+            }
+            None => {
+                let swept = i64_at(self.meta.get(META_COMPACT_SWEPT)?)?;
+                if swept >= compacted {
+                    return Ok(true);
+                }
+                let from = Revision::new(swept, 0).to_bytes().to_vec();
+                (compacted, Bound::Included(from))
+            }
+        };
+        let to = Bound::Included(Revision::new(target, i64::MAX).to_bytes().to_vec());
         let view = View::Live { store: self };
         let mut batch = self.db.batch();
-        let mut pending = 0usize;
-        let mut removed = 0u64;
-        for item in self.history.range(lo..=hi) {
+        let (mut read, mut removed) = (0usize, 0u64);
+        let mut last = None;
+        for item in self.history.range((from, to)) {
+            if read == max_records.max(1) {
+                break;
+            }
             let (k, v) = item.into_inner()?;
+            read += 1;
             let r = Revision::from_bytes(&k).ok_or_else(|| bad("history key"))?;
             let rec: HistoryRecord = decode(&v)?;
             if rec.prev != 0
@@ -747,25 +798,59 @@ impl KvStore {
                 if self.is_waypoint(&prev_rec.kv) {
                     batch.remove(&self.sparse_index, keys::index_key(&rec.kv.key, prev));
                 }
-                pending += 1;
+                removed += 1;
             }
-            if rec.tombstone && r.main < rev {
+            if rec.tombstone && r.main < target {
                 batch.remove(&self.history, k.to_vec());
                 batch.remove(&self.sparse_index, keys::index_key(&rec.kv.key, r));
-                pending += 1;
+                removed += 1;
             }
-            if pending >= limits::COMPACTION_BATCH_ENTRIES_MAX {
-                std::mem::replace(&mut batch, self.db.batch()).commit()?;
-                removed += pending as u64;
-                pending = 0;
+            last = Some(k);
+        }
+        let pass_done = read < max_records.max(1);
+        match last {
+            Some(last) if !pass_done => {
+                let mut sweep = target.to_be_bytes().to_vec();
+                sweep.extend_from_slice(&last);
+                batch.insert(&self.meta, META_COMPACT_SWEEP, sweep);
+            }
+            _ => {
+                batch.insert(
+                    &self.meta,
+                    META_COMPACT_SWEPT,
+                    target.to_be_bytes().to_vec(),
+                );
+                batch.remove(&self.meta, META_COMPACT_SWEEP.to_vec());
             }
         }
-        batch.insert(&self.meta, META_COMPACT, rev.to_be_bytes().to_vec());
         batch.commit()?;
-        removed += pending as u64;
         self.removed_since_reclaim
             .fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
+        Ok(pass_done && target >= compacted)
+    }
+
+    /// Runs the compaction sweep to its end (see [`KvStore::sweep_compacted`]), in steps of
+    /// `limits::COMPACTION_BATCH_RECORDS_MAX` records.
+    ///
+    /// # Errors
+    /// `Storage`.
+    pub fn finish_compaction(&self) -> Result<()> {
+        while !self.sweep_compacted(limits::COMPACTION_BATCH_RECORDS_MAX)? {}
         Ok(())
+    }
+
+    /// Keeps compaction sweeps out while the whole state is replaced (snapshot import).
+    pub(crate) fn pause_sweeps(&self) -> MutexGuard<'_, ()> {
+        lock(&self.sweeper)
+    }
+
+    /// Whether history still holds changes that the applied compaction removes.
+    ///
+    /// # Errors
+    /// `Storage`.
+    pub fn compaction_pending(&self) -> Result<bool> {
+        let swept = i64_at(self.meta.get(META_COMPACT_SWEPT)?)?;
+        Ok(swept < self.compact_revision()?)
     }
 }
 
@@ -1122,7 +1207,8 @@ impl WriteBatch<'_> {
     }
 
     /// Commits every applied request and `meta` in one fjall batch, then hands each revision's
-    /// events to the watch hub (and runs a compaction that was applied).
+    /// events to the watch hub. A compaction applied here takes effect at once; its sweep is
+    /// left to [`KvStore::sweep_compacted`].
     ///
     /// # Errors
     /// `Storage`: the node must stop.
@@ -1135,9 +1221,6 @@ impl WriteBatch<'_> {
             for (rev, events) in &committed.revisions {
                 hub.notify(*rev, events, committed.with_prev);
             }
-        }
-        if let Some(rev) = committed.compact_to {
-            store.run_compaction(rev)?;
         }
         Ok(())
     }
@@ -1169,8 +1252,6 @@ struct Committed<'a> {
     revisions: RevisionEvents,
     /// Whether put and delete events carry the previous value (`Event::prev_kv`).
     with_prev: bool,
-    /// The revision to compact to, when a compaction was applied.
-    compact_to: Option<i64>,
     _writer: MutexGuard<'a, LiveIndex>,
 }
 
@@ -1723,11 +1804,7 @@ impl<'a> WriteTxn<'a> {
             );
         }
         if let Some(c) = self.compact {
-            batch.insert(
-                &store.meta,
-                META_COMPACT_SCHEDULED,
-                c.to_be_bytes().to_vec(),
-            );
+            batch.insert(&store.meta, META_COMPACT, c.to_be_bytes().to_vec());
         }
         for (k, v) in meta {
             batch.insert(&store.meta, *k, *v);
@@ -1764,7 +1841,6 @@ impl<'a> WriteTxn<'a> {
         Ok(Committed {
             revisions: self.revisions,
             with_prev: self.with_prev,
-            compact_to: self.compact,
             _writer: self.index,
         })
     }
@@ -1899,6 +1975,8 @@ impl KvStore {
     /// # Errors
     /// `Storage` on failure.
     pub fn defragment(&self) -> Result<()> {
+        // The history a compaction still has to sweep would survive the rewrite.
+        self.finish_compaction()?;
         self.reclaim(&self.keyspaces())
     }
 
@@ -1917,7 +1995,7 @@ impl KvStore {
         let pending = self
             .removed_since_reclaim
             .load(std::sync::atomic::Ordering::Relaxed);
-        // Exact count: compaction already scanned the whole index, this is cheaper.
+        // Exact count: one pass over the live keys, far cheaper than the rewrite it decides on.
         let live = self.latest.len()? as u64;
         if pending < live.max(limits::RECLAIM_ENTRIES_MIN) {
             return Ok(false);
@@ -1932,8 +2010,28 @@ impl KvStore {
         for ks in keyspaces {
             // Tombstones still in the memtable would survive a compaction of the tables alone.
             ks.rotate_memtable_and_wait()?;
-            ks.major_compact()?;
+            // A background compaction that the flush started keeps its tables out of a major
+            // compaction, and those keep the removed history: rewrite until one table is left.
+            for _ in 0..limits::RECLAIM_REWRITES_MAX {
+                ks.major_compact()?;
+                if ks.table_count() <= 1 {
+                    break;
+                }
+                let started = std::time::Instant::now();
+                while self.db.active_compactions() > 0
+                    && started.elapsed().as_millis() < limits::RECLAIM_COMPACTION_WAIT_MS_MAX
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
         }
+        // fjall deletes the table files a rewrite replaced only once a later memtable rotation
+        // moves its garbage collection watermark past the rewrite. Writes bring one about
+        // eventually; an idle store would keep the old files (several times the live data) on
+        // disk until then. A rotation needs something in the memtable: the revision reclaimed.
+        self.meta
+            .insert(META_RECLAIMED, self.current_revision()?.to_be_bytes())?;
+        self.meta.rotate_memtable_and_wait()?;
         Ok(())
     }
 }

@@ -10,11 +10,17 @@ pub const WATCH_BATCH_REVISIONS_MAX: usize = 1000;
 pub const LEASE_TTL_MAX_SECONDS: i64 = 9_000_000_000;
 /// Leases turned into revokes per lessor tick (etcd revokes at most 1000/s, 500 per 500 ms).
 pub const LEASE_REVOKES_PER_TICK_MAX: usize = 500;
-/// Index entries removed per compaction write batch; bounds the memory of one batch.
-pub const COMPACTION_BATCH_ENTRIES_MAX: usize = 10_000;
+/// History records one compaction sweep step reads (etcd's `--compaction-batch-limit`
+/// default); bounds a step's batch and how long it holds the disk.
+pub const COMPACTION_BATCH_RECORDS_MAX: usize = 1000;
 /// Compacted-away history entries below which a reclaim (a rewrite of every keyspace) is not
 /// worth its cost.
 pub const RECLAIM_ENTRIES_MIN: u64 = 10_000;
+/// Major compactions per keyspace in one reclaim, while background compactions hold tables.
+pub const RECLAIM_REWRITES_MAX: usize = 3;
+/// Longest wait, in milliseconds, for background compactions to end before a reclaim's next
+/// rewrite (a loaded store may always have one running).
+pub const RECLAIM_COMPACTION_WAIT_MS_MAX: u128 = 1000;
 /// Default backend quota in bytes (etcd: 2 GiB when `--quota-backend-bytes` is 0).
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
 /// Bytes charged per Put on top of key and value, for the quota check (etcd's cost model).
@@ -27,5 +33,4 @@ pub const HISTORY_WAYPOINT_VERSIONS: i64 = 128;
 /// Keys the live index loads per step at start-up; the writer waits for at most one step.
 pub const LIVE_INDEX_LOAD_CHUNK_KEYS: usize = 4096;
 
-const _: () = assert!(COMPACTION_BATCH_ENTRIES_MAX >= TXN_OPS_MAX);
 const _: () = assert!(LEASE_REVOKES_PER_TICK_MAX <= 1000);

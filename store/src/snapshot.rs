@@ -67,6 +67,8 @@ impl KvStore {
         if &magic != MAGIC {
             return Err(Error::Storage("not a keyhold snapshot".into()));
         }
+        // A sweep step between the clear and the import would act on neither state.
+        let _sweeps = self.pause_sweeps();
         let keyspaces = self.keyspaces();
         for ks in &keyspaces {
             ks.clear()?;

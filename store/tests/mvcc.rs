@@ -372,6 +372,66 @@ fn leases_attach_revoke_and_recover() {
     );
 }
 
+/// A compaction takes effect when applied; its sweep runs in steps, survives a restart, and a
+/// compaction applied in the middle of a pass gets a pass of its own.
+#[test]
+fn compaction_sweep_runs_in_steps_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let history = |s: &KvStore| {
+        let mut out = Vec::new();
+        s.for_each_history(|r, kv, tombstone| out.push((r.main, kv.key.clone(), tombstone)))
+            .expect("history");
+        out
+    };
+    {
+        let s = open(&dir);
+        for i in 0..5 {
+            put(&s, "a", &i.to_string()); // revs 2..=6
+        }
+        put(&s, "b", "x"); // 7
+        let del = DeleteRangeRequest {
+            key: "b".into(),
+            ..Default::default()
+        };
+        apply(&s, WriteRequest::DeleteRange(del)).expect("delete"); // 8
+        put(&s, "c", "y"); // 9
+        apply(&s, WriteRequest::Compact { revision: 8 }).expect("compact");
+        // In effect before any sweep: nothing below 8 is served from the history still there.
+        assert_eq!(s.compaction_pending(), Ok(true));
+        assert_eq!(history(&s).len(), 8);
+        assert_eq!(get(&s, "a", 7), Err(Error::Compacted));
+        let all = KeyRange::new(b"\0", b"\0");
+        assert_eq!(s.watch_events(&all, 7, 9, false), Err(Error::Compacted));
+        assert_eq!(s.sweep_compacted(2), Ok(false));
+        assert_eq!(history(&s).len(), 7, "the first step removed a@2");
+    }
+    let s = open(&dir);
+    assert_eq!(
+        s.compaction_pending(),
+        Ok(true),
+        "a restart leaves the sweep pending"
+    );
+    assert_eq!(get(&s, "a", 8).expect("get").expect("a").value, b"4");
+    // The pass for 8 reads on through b's tombstone at 8, which it keeps...
+    for _ in 4..=8 {
+        assert_eq!(s.sweep_compacted(1), Ok(false));
+    }
+    assert!(history(&s).contains(&(8, b"b".to_vec(), true)));
+    // ...and a compaction to 9 applied before that pass ends gets a pass that removes it.
+    apply(&s, WriteRequest::Compact { revision: 9 }).expect("compact");
+    let mut steps = 1;
+    while !s.sweep_compacted(1).expect("sweep") {
+        steps += 1;
+        assert!(steps < 20, "the sweep ends");
+    }
+    assert_eq!(s.compaction_pending(), Ok(false));
+    assert_eq!(
+        history(&s),
+        vec![(6, b"a".to_vec(), false), (9, b"c".to_vec(), false)]
+    );
+    assert_eq!(s.sweep_compacted(1), Ok(true), "nothing left to do");
+}
+
 #[test]
 fn hash_kv_is_equal_for_equal_histories() {
     let (d1, d2) = (
@@ -471,6 +531,8 @@ enum Op {
     Get(u8, u8, u8),
     /// Compact at `current - back` (when that is above the compacted revision).
     Compact(u8),
+    /// A compaction sweep step reading this many history records.
+    Sweep(u8),
     Reopen,
 }
 
@@ -481,6 +543,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..6, 0u8..7).prop_map(|(k, e)| Op::Delete(k, e)),
         6 => (0u8..6, 0u8..7, 0u8..40).prop_map(|(k, e, r)| Op::Get(k, e, r)),
         1 => (0u8..8).prop_map(Op::Compact),
+        2 => (1u8..4).prop_map(Op::Sweep),
         1 => Just(Op::Reopen),
     ]
 }
@@ -528,6 +591,9 @@ proptest! {
                     } else {
                         prop_assert!(got.is_err(), "compact {} after {}: {:?}", rev, compacted, got);
                     }
+                }
+                Op::Sweep(n) => {
+                    s.sweep_compacted(n as usize).expect("sweep");
                 }
                 Op::Reopen => {
                     drop(s);
@@ -585,8 +651,12 @@ proptest! {
             }
         }
         prop_assert_eq!(got, want);
-        // Compaction kept exactly every change above the compacted revision and each key's
-        // newest change at or below it, unless that is a tombstone below it.
+        // Everything above held with the sweep anywhere. Once it ends, compaction kept exactly
+        // every change above the compacted revision and each key's newest change at or below
+        // it, unless that is a tombstone below it.
+        s.finish_compaction().expect("sweep");
+        prop_assert_eq!(s.compaction_pending(), Ok(false));
+        prop_assert_eq!(s.check_sparse_index(), Ok(()));
         let mut kept = Vec::new();
         s.for_each_history(|r, kv, tombstone| kept.push((kv.key.clone(), r.main, tombstone))).expect("history");
         kept.sort();
@@ -613,6 +683,7 @@ fn reclaim_is_amortized_over_removed_history() {
     }
     let rev = s.current_revision().expect("rev");
     apply(&s, WriteRequest::Compact { revision: rev }).expect("compact");
+    s.finish_compaction().expect("sweep");
     assert_eq!(
         s.reclaim_compacted(),
         Ok(false),
@@ -623,6 +694,8 @@ fn reclaim_is_amortized_over_removed_history() {
     }
     let rev = s.current_revision().expect("rev");
     apply(&s, WriteRequest::Compact { revision: rev }).expect("compact");
+    assert_eq!(s.reclaim_compacted(), Ok(false), "nothing is swept yet");
+    s.finish_compaction().expect("sweep");
     assert_eq!(s.reclaim_compacted(), Ok(true));
     assert_eq!(
         s.reclaim_compacted(),
@@ -630,6 +703,33 @@ fn reclaim_is_amortized_over_removed_history() {
         "the counter restarts after a rewrite"
     );
     assert_eq!(get(&s, "k", 0).expect("get").expect("k").value, b"9999");
+}
+
+/// After a compaction's sweep and reclaim, the table files on disk hold about the live data,
+/// with no later write needed for fjall to delete the files the rewrite replaced.
+#[test]
+fn reclaim_leaves_about_the_live_data_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(&dir);
+    let value = "v".repeat(1000);
+    for i in 0..30_000 {
+        put(&s, &format!("k{}", i % 10), &value); // 30 MB of history over 10 keys
+    }
+    let rev = s.current_revision().expect("rev");
+    apply(&s, WriteRequest::Compact { revision: rev }).expect("compact");
+    s.finish_compaction().expect("sweep");
+    assert_eq!(s.reclaim_compacted(), Ok(true));
+    let tables: u64 = std::fs::read_dir(dir.path().join("keyspaces"))
+        .expect("keyspaces")
+        .flat_map(|ks| std::fs::read_dir(ks.expect("keyspace").path().join("tables")))
+        .flatten()
+        .map(|t| t.expect("table").metadata().expect("metadata").len())
+        .sum();
+    assert!(tables < 1_000_000, "{tables} bytes of tables for 10 keys");
+    assert_eq!(
+        get(&s, "k3", 0).expect("get").expect("k3").value,
+        value.as_bytes()
+    );
 }
 
 /// Collects every revision the watch hub hands out, and counts resyncs.

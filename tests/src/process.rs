@@ -316,6 +316,11 @@ impl NodeProcess {
         self.spawn_no_wait();
     }
 
+    /// Replaces the extra flags the next start passes.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Replaces the cluster flags (e.g. to start with `--initial-cluster-state existing`).
     pub fn set_cluster_args(&mut self, args: Vec<String>) {
         self.cluster_args = args;

@@ -154,8 +154,8 @@ impl Kv for KvService {
         &self,
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
-        let revision = req.into_inner().revision;
-        match self.node.compact(revision).await? {
+        let req = req.into_inner();
+        match self.node.compact(req.revision, req.physical).await? {
             st::WriteResponse::Compact { revision } => Ok(Response::new(pb::CompactionResponse {
                 header: header(&self.node, revision),
             })),

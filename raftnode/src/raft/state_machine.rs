@@ -48,8 +48,9 @@ pub struct StateMachine {
     store: Arc<KvStore>,
     dir: PathBuf,
     clock: Clock,
-    /// Signalled after a compaction is applied, so the node reclaims the compacted history's
-    /// disk space on every member (in the background, off the apply path).
+    /// Signalled after a compaction is applied or a snapshot installed, so the node sweeps
+    /// the compacted history and reclaims its disk space (in the background, off the apply
+    /// path).
     compacted: Arc<tokio::sync::Notify>,
     /// The raft log's durable end: a leader's entries are applied only once they are on its disk.
     durability: Arc<Durability>,
@@ -319,7 +320,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             write_snapshot_meta(&dir, &meta_bytes).map_err(snap_err)
         })
         .await
-        .map_err(snap_err)?
+        .map_err(snap_err)??;
+        // The installed state may carry a compaction its sender had not swept yet.
+        self.compacted.notify_one();
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

@@ -1,6 +1,8 @@
 //! Maintenance and HTTP: status, hash, alarms, defragment, snapshot, /health, /version, /metrics.
 
-use etcd_client::{AlarmAction, AlarmType};
+use std::time::Duration;
+
+use etcd_client::{AlarmAction, AlarmType, CompactionOptions, GetOptions};
 use keyhold_tests::NodeProcess;
 use sha2::{Digest, Sha256};
 
@@ -58,6 +60,78 @@ async fn equal_histories_hash_equal_on_two_nodes() {
         hashes.push(c.hash_kv(0).await.expect("hashkv").hash());
     }
     assert_eq!(hashes[0], hashes[1]);
+}
+
+/// A compaction is in effect once applied; its sweep runs in the background at the flags' pace,
+/// `physical` answers only once it is done, and an unfinished sweep resumes after a restart.
+#[tokio::test]
+async fn compaction_sweeps_in_the_background_and_physical_waits_for_it() {
+    if keyhold_tests::process::target_is_etcd() {
+        return; // Keyhold's flags, metric and history dump
+    }
+    // Steps of 10 records an hour apart: a sweep stays visibly unfinished.
+    let slow = [
+        "--compaction-batch-limit",
+        "10",
+        "--compaction-sleep-interval",
+        "1h",
+    ];
+    let mut node = NodeProcess::start_with(&slow);
+    let mut c = client(&node).await;
+    for i in 0..50 {
+        c.put("k", format!("v{i}"), None).await.expect("put"); // revisions 2..=51
+    }
+    c.compact(50, None).await.expect("compact");
+    let old = c.get("k", Some(GetOptions::new().with_revision(49))).await;
+    assert!(
+        format!("{:?}", old.expect_err("compacted"))
+            .contains("required revision has been compacted"),
+        "in effect before the sweep"
+    );
+    wait_for_metric(&node, "keyhold_mvcc_compaction_sweep_pending", 1.0).await;
+    c.compact(51, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("physical compact");
+    drop(c); // an open client connection holds up the node's shutdown
+    node.terminate();
+    let kept = changes(&node);
+    assert_eq!(kept.len(), 1, "only k@51 is left: {kept:?}");
+
+    node.restart();
+    let mut c = client(&node).await;
+    for i in 0..10 {
+        c.put("k", format!("w{i}"), None).await.expect("put"); // revisions 52..=61
+    }
+    c.compact(60, None).await.expect("compact");
+    wait_for_metric(&node, "keyhold_mvcc_compaction_sweep_pending", 1.0).await;
+    drop(c);
+    node.terminate();
+    node.set_extra_args(&[]);
+    node.restart();
+    wait_for_metric(&node, "keyhold_mvcc_compaction_sweep_pending", 0.0).await;
+    node.terminate();
+    assert_eq!(changes(&node).len(), 2, "k@60 and k@61");
+}
+
+/// The stopped node's history, one line per change (the dump also has a compact revision line).
+fn changes(node: &NodeProcess) -> Vec<String> {
+    let dump = node.dump_history();
+    dump.lines()
+        .filter(|l| l.contains("\"revision\""))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls `/metrics` until `name` reads `want` (refreshed every second), for at most 30 s.
+async fn wait_for_metric(node: &NodeProcess, name: &str, want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while node.metric(name) != Some(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never read {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
