@@ -2006,22 +2006,29 @@ impl KvStore {
         Ok(true)
     }
 
+    /// Waits, for at most `limits::RECLAIM_COMPACTION_WAIT_MS_MAX`, until fjall runs no
+    /// background compaction (a loaded store may always have one running).
+    fn wait_for_background_compactions(&self) {
+        let started = std::time::Instant::now();
+        while self.db.active_compactions() > 0
+            && started.elapsed().as_millis() < limits::RECLAIM_COMPACTION_WAIT_MS_MAX
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     fn reclaim(&self, keyspaces: &[&Keyspace]) -> Result<()> {
         for ks in keyspaces {
             // Tombstones still in the memtable would survive a compaction of the tables alone.
             ks.rotate_memtable_and_wait()?;
-            // A background compaction that the flush started keeps its tables out of a major
-            // compaction, and those keep the removed history: rewrite until one table is left.
+            // A background compaction (the flush above may start one) keeps its tables out of
+            // a major compaction, and those keep the removed history: wait for background
+            // compactions to end, rewrite, and again until one table is left.
             for _ in 0..limits::RECLAIM_REWRITES_MAX {
+                self.wait_for_background_compactions();
                 ks.major_compact()?;
                 if ks.table_count() <= 1 {
                     break;
-                }
-                let started = std::time::Instant::now();
-                while self.db.active_compactions() > 0
-                    && started.elapsed().as_millis() < limits::RECLAIM_COMPACTION_WAIT_MS_MAX
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
         }

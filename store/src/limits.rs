@@ -18,9 +18,9 @@ pub const COMPACTION_BATCH_RECORDS_MAX: usize = 1000;
 pub const RECLAIM_ENTRIES_MIN: u64 = 10_000;
 /// Major compactions per keyspace in one reclaim, while background compactions hold tables.
 pub const RECLAIM_REWRITES_MAX: usize = 3;
-/// Longest wait, in milliseconds, for background compactions to end before a reclaim's next
-/// rewrite (a loaded store may always have one running).
-pub const RECLAIM_COMPACTION_WAIT_MS_MAX: u128 = 1000;
+/// Longest wait, in milliseconds, for background compactions to end before each of a reclaim's
+/// rewrites (a loaded store may always have one running).
+pub const RECLAIM_COMPACTION_WAIT_MS_MAX: u128 = 5000;
 /// Default backend quota in bytes (etcd: 2 GiB when `--quota-backend-bytes` is 0).
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
 /// Bytes charged per Put on top of key and value, for the quota check (etcd's cost model).
