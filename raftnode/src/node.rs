@@ -104,6 +104,10 @@ const PROPOSAL_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Raft entries proposed but not yet applied; while they are in flight, new writes accumulate
 /// into the next batch.
 const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+/// While the member applies writes, a compaction sweep pauses at least this many times as long
+/// as its last step took, so it uses at most a fifth of a core beside the load (an idle member
+/// sweeps at `--compaction-sleep-interval`).
+const SWEEP_PAUSE_PER_STEP_UNDER_LOAD: u32 = 4;
 
 fn client_write_error(e: ClientWriteError<u64, Member>) -> Error {
     match e {
@@ -975,10 +979,21 @@ async fn ask_cluster_id(config: &ValidConfig, peers: &Peers) -> anyhow::Result<u
     }
 }
 
+/// The pause after a sweep step that took `step`: the configured `interval`, or, when writes
+/// were applied since the previous step, at least `SWEEP_PAUSE_PER_STEP_UNDER_LOAD` steps' time.
+fn sweep_pause(interval: Duration, step: Duration, writes_seen: bool) -> Duration {
+    if writes_seen {
+        interval.max(step * SWEEP_PAUSE_PER_STEP_UNDER_LOAD)
+    } else {
+        interval
+    }
+}
+
 /// Sweeps the history each applied compaction makes unreachable, in steps of
-/// `--compaction-batch-limit` records `--compaction-sleep-interval` apart (writes go on beside
-/// each step), then reclaims its disk space. Runs at start-up first, to finish a sweep that a
-/// stop or a snapshot install left behind.
+/// `--compaction-batch-limit` records at least `--compaction-sleep-interval` apart (writes go
+/// on beside each step; see `sweep_pause` for the pace under load), then reclaims its disk
+/// space. Runs at start-up first, to finish a sweep that a stop or a snapshot install left
+/// behind.
 async fn sweep_driver(
     store: Arc<KvStore>,
     compacted: Arc<tokio::sync::Notify>,
@@ -988,12 +1003,20 @@ async fn sweep_driver(
     loop {
         let started = std::time::Instant::now();
         let mut steps = 0u64;
+        let mut revision = store.current_revision().unwrap_or(0);
         loop {
             let s = store.clone();
             steps += 1;
+            let step_started = std::time::Instant::now();
             match tokio::task::spawn_blocking(move || s.sweep_compacted(batch)).await {
                 Ok(Ok(true)) => break,
-                Ok(Ok(false)) => tokio::time::sleep(pause).await,
+                Ok(Ok(false)) => {
+                    let now = store.current_revision().unwrap_or(0);
+                    let writes_seen = now != revision;
+                    revision = now;
+                    tokio::time::sleep(sweep_pause(pause, step_started.elapsed(), writes_seen))
+                        .await;
+                }
                 Ok(Err(e)) => {
                     // The step left no trace; the next compaction (or restart) redoes it.
                     tracing::warn!(error = %e, "compaction sweep");
@@ -1180,5 +1203,26 @@ async fn compaction_driver(node: Arc<Node>) {
                 Err(e) => tracing::warn!(revision = target, error = %e, "auto compaction"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_beside_writes_pauses_longer_than_its_steps() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            sweep_pause(ms(10), ms(6), false),
+            ms(10),
+            "idle: the interval"
+        );
+        assert_eq!(sweep_pause(ms(10), ms(6), true), ms(24));
+        assert_eq!(
+            sweep_pause(ms(50), ms(6), true),
+            ms(50),
+            "never below the interval"
+        );
     }
 }
