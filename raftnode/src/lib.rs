@@ -24,4 +24,5 @@ pub mod ids;
 pub mod membership;
 pub mod node;
 pub mod peer;
+pub mod probe;
 pub mod raft;

@@ -180,7 +180,10 @@ impl Router {
             return match rx.await {
                 Err(_) => Err(Error::Stopped),
                 Ok(Err(e)) => Err(client_write_error(e)),
-                Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
+                Ok(Ok(r)) => {
+                    crate::probe::mark(crate::probe::Stage::ProposalApplied, r.log_id.index);
+                    Ok((r.log_id.index, r.data))
+                }
             };
         }
         match self.to_leader(PeerRequest::Forward(proposal)).await? {
@@ -400,6 +403,14 @@ impl Node {
 
     /// [`Node::propose`], also returning the log index the request was applied at.
     async fn propose_at(&self, req: WriteRequest) -> Result<(u64, WriteResponse)> {
+        crate::probe::mark(crate::probe::Stage::ProposeStarted, 0);
+        let result = self.propose_queued(req).await;
+        let index = result.as_ref().map_or(0, |(index, _)| *index);
+        crate::probe::mark(crate::probe::Stage::ProposeReturned, index);
+        result
+    }
+
+    async fn propose_queued(&self, req: WriteRequest) -> Result<(u64, WriteResponse)> {
         let (committed, applied) = self.raft_indexes();
         if committed.saturating_sub(applied) > APPLY_GAP_MAX {
             return Err(Error::TooManyRequests);

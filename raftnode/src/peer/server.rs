@@ -8,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 use super::wire::{self, Answer, Envelope, PeerRequest, PeerResponse};
 use crate::error::Error;
 use crate::node::Node;
+use crate::probe::{self, Stage};
 
 /// Accepts peer connections until the endpoint is closed.
 pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>) {
@@ -55,9 +56,20 @@ async fn handle_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: q
         let _ = send.finish();
         return;
     }
+    let appended = match &envelope.request {
+        PeerRequest::AppendEntries(rpc) => {
+            let last = rpc.entries.last().map_or(0, |e| e.log_id.index);
+            probe::mark(Stage::AppendReceived, last);
+            Some(last)
+        }
+        _ => None,
+    };
     let answer = handle(&node, envelope.request, &mut recv).await;
     wire::take_end(&mut recv);
     if wire::write_frame(&mut send, &answer).await.is_ok() {
+        if let Some(last) = appended {
+            probe::mark(Stage::AppendAnswerWritten, last);
+        }
         let _ = send.finish();
     }
 }

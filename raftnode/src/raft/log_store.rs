@@ -38,6 +38,7 @@ use tokio::sync::watch;
 
 use super::wal::Wal;
 use super::{StorageError, TypeConfig, encode};
+use crate::probe::{self, Stage};
 
 /// Appends waiting for the flusher; a full queue makes `append` wait (back-pressure).
 const FLUSH_QUEUE_MAX: usize = 4096;
@@ -196,6 +197,7 @@ fn flush(batch: Vec<PendingFlush>, durability: &Durability) {
     }
     for pending in batch {
         durability.synced(pending.last, pending.epoch);
+        probe::mark(Stage::LogSynced, pending.last.index);
         if let Some(callback) = pending.callback {
             callback.log_io_completed(Ok(()));
         }
@@ -366,6 +368,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let payloads: Vec<Vec<u8>> = entries.iter().map(encode).collect();
         let epoch = self.durability.epoch();
         let file = self.wal.append(first, &payloads).map_err(write_err)?;
+        probe::mark(Stage::LogAppended, last.index);
         let callback = if early {
             callback.log_io_completed(Ok(()));
             None

@@ -25,6 +25,7 @@ use super::log_store::{Durability, DurableLog};
 use super::{Member, TypeConfig};
 use crate::peer::wire::{self, PeerRequest, PeerResponse, SNAPSHOT_CHUNK_BYTES};
 use crate::peer::{PeerError, Peers};
+use crate::probe::{self, Stage};
 
 /// Snapshot chunks exported ahead of the network (bounds the sender's memory).
 const SNAPSHOT_CHUNKS_AHEAD_MAX: usize = 4;
@@ -170,7 +171,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 rpc.leader_commit = durable_commit(commit, durability.get());
             }
         }
-        match self.call(PeerRequest::AppendEntries(rpc), &option).await? {
+        let last = rpc.entries.last().map_or(0, |e| e.log_id.index);
+        probe::mark(Stage::AppendSending, last);
+        let answer = self.call(PeerRequest::AppendEntries(rpc), &option).await;
+        probe::mark(Stage::AppendAnswered, last);
+        match answer? {
             PeerResponse::AppendEntries(Ok(r)) => Ok(r),
             PeerResponse::AppendEntries(Err(e)) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))

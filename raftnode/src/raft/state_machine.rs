@@ -261,6 +261,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (store, compacted) = (self.store.clone(), self.compacted.clone());
         let now_ms = self.clock.now_ms();
         let entries: Vec<_> = entries.into_iter().collect();
+        crate::probe::mark(
+            crate::probe::Stage::ApplyStarted,
+            entries.last().map_or(0, |e| e.log_id.index),
+        );
         // A leader acknowledges its own appends before their fsync, so raft may commit an entry
         // this member has not synced yet (see `log_store`): nothing of it shows before it has.
         if let Some(last) = entries.last()

@@ -1,0 +1,100 @@
+//! Write-path timestamps, for finding where a write's latency goes across the members.
+//!
+//! Built only with the `latency-probe` feature (`scripts/bench/write-path`); without it every
+//! [`mark`] compiles to nothing. With it, and `KEYHOLD_LATENCY_PROBE=<path>` set, each member
+//! records `(stage, raft log index, wall-clock ns)` at the points below and appends them to
+//! `<path>.<pid>` once a second. The clock is the wall clock so that the members' records line
+//! up: the analysis joins them by log index.
+
+/// A point on a write's path. The values are what the records hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    /// Raft appended entries to this member's log (index: the last one).
+    LogAppended = 1,
+    /// The flusher synced entries (index: the last one).
+    LogSynced = 2,
+    /// The leader starts sending an AppendEntries (index: its last entry, 0 for none).
+    AppendSending = 3,
+    /// The leader has the follower's answer.
+    AppendAnswered = 4,
+    /// A follower has read an AppendEntries request off its stream.
+    AppendReceived = 5,
+    /// A follower has written its answer.
+    AppendAnswerWritten = 6,
+    /// The state machine starts applying entries (index: the last one).
+    ApplyStarted = 7,
+    /// A client write entered `Node::propose` (index: 0, not known yet).
+    ProposeStarted = 8,
+    /// Raft answered the leader's proposal (index: its entry).
+    ProposalApplied = 9,
+    /// `Node::propose` returns (index: the entry, 0 on error).
+    ProposeReturned = 10,
+}
+
+#[cfg(feature = "latency-probe")]
+mod recorder {
+    use std::io::Write;
+    use std::sync::{Mutex, Once};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// Records kept between two writes of the file; more in one second are dropped.
+    const RECORDS_PER_SECOND_MAX: usize = 2_000_000;
+
+    static RECORDS: Mutex<Vec<(u8, u64, u64)>> = Mutex::new(Vec::new());
+    static START: Once = Once::new();
+
+    pub(super) fn mark(stage: super::Stage, index: u64) {
+        START.call_once(start);
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if let Ok(mut r) = RECORDS.lock()
+            && r.len() < RECORDS_PER_SECOND_MAX
+        {
+            r.push((stage as u8, index, ns));
+        }
+    }
+
+    fn start() {
+        let Ok(path) = std::env::var("KEYHOLD_LATENCY_PROBE") else {
+            return;
+        };
+        let path = format!("{path}.{}", std::process::id());
+        let spawned = std::thread::Builder::new()
+            .name("latency-probe".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let records =
+                        std::mem::take(&mut *RECORDS.lock().unwrap_or_else(|p| p.into_inner()));
+                    let mut text = String::with_capacity(records.len() * 32);
+                    for (stage, index, ns) in records {
+                        text.push_str(&format!("{stage} {index} {ns}\n"));
+                    }
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path);
+                    if let Err(e) = file.and_then(|mut f| f.write_all(text.as_bytes())) {
+                        tracing::warn!(error = %e, path, "latency probe stops");
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "latency probe not started");
+        }
+    }
+}
+
+/// Records that the write path reached `stage` for log `index`.
+#[cfg(feature = "latency-probe")]
+pub fn mark(stage: Stage, index: u64) {
+    recorder::mark(stage, index);
+}
+
+/// Records nothing: built without the `latency-probe` feature.
+#[cfg(not(feature = "latency-probe"))]
+#[inline(always)]
+pub fn mark(_stage: Stage, _index: u64) {}
