@@ -34,6 +34,7 @@ pub enum Stage {
 
 #[cfg(feature = "latency-probe")]
 mod recorder {
+    use std::fmt::Write as _;
     use std::io::Write;
     use std::sync::{Mutex, Once};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,7 +71,7 @@ mod recorder {
                         std::mem::take(&mut *RECORDS.lock().unwrap_or_else(|p| p.into_inner()));
                     let mut text = String::with_capacity(records.len() * 32);
                     for (stage, index, ns) in records {
-                        text.push_str(&format!("{stage} {index} {ns}\n"));
+                        let _ = writeln!(text, "{stage} {index} {ns}");
                     }
                     let file = std::fs::OpenOptions::new()
                         .create(true)
