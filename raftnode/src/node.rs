@@ -886,6 +886,8 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
                 tracing::warn!(error = %e, "setting TCP_NODELAY");
             }
         });
+        #[cfg(feature = "latency-probe")]
+        let listener = crate::probe::TimedListener(listener);
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(stop)

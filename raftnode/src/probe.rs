@@ -30,6 +30,14 @@ pub enum Stage {
     ProposalApplied = 9,
     /// `Node::propose` returns (index: the entry, 0 on error).
     ProposeReturned = 10,
+    /// The KV service's Put handler starts (index: 0).
+    PutHandlerStarted = 11,
+    /// The KV service's Put handler returns its response (index: 0).
+    PutHandlerReturned = 12,
+    /// A read from a client connection returned bytes (index: how many).
+    ClientRead = 13,
+    /// A write to a client connection took bytes (index: how many).
+    ClientWritten = 14,
 }
 
 #[cfg(feature = "latency-probe")]
@@ -99,3 +107,95 @@ pub fn mark(stage: Stage, index: u64) {
 #[cfg(not(feature = "latency-probe"))]
 #[inline(always)]
 pub fn mark(_stage: Stage, _index: u64) {}
+
+/// A client listener whose connections record each read and write ([`Stage::ClientRead`],
+/// [`Stage::ClientWritten`]): where a request's bytes arrive and its response's leave, around
+/// the handler. Only in builds with the `latency-probe` feature.
+#[cfg(feature = "latency-probe")]
+pub struct TimedListener<L>(pub L);
+
+#[cfg(feature = "latency-probe")]
+mod timed {
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use super::{Stage, TimedListener, mark};
+
+    /// A connection that records its reads and writes.
+    pub struct TimedIo<T>(T);
+
+    impl<L: axum::serve::Listener> axum::serve::Listener for TimedListener<L> {
+        type Io = TimedIo<L::Io>;
+        type Addr = L::Addr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            let (io, addr) = self.0.accept().await;
+            (TimedIo(io), addr)
+        }
+
+        fn local_addr(&self) -> io::Result<Self::Addr> {
+            self.0.local_addr()
+        }
+    }
+
+    fn written(r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r
+            && *n > 0
+        {
+            mark(Stage::ClientWritten, *n as u64);
+        }
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.0).poll_read(cx, buf);
+            let n = buf.filled().len() - before;
+            if n > 0 {
+                mark(Stage::ClientRead, n as u64);
+            }
+            r
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.0).poll_write(cx, buf);
+            written(&r);
+            r
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+            written(&r);
+            r
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.0.is_write_vectored()
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+}

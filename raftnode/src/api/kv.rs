@@ -85,6 +85,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        crate::probe::mark(crate::probe::Stage::PutHandlerStarted, 0);
         let req = req.into_inner();
         check_size(&self.node, req.encoded_len())?;
         let p = put_from_pb(req);
@@ -98,7 +99,9 @@ impl Kv for KvService {
         match self.node.propose(st::WriteRequest::Put(p)).await? {
             st::WriteResponse::Put(r) => {
                 let h = header(&self.node, r.revision);
-                Ok(Response::new(put_to_pb(r, h)))
+                let resp = Response::new(put_to_pb(r, h));
+                crate::probe::mark(crate::probe::Stage::PutHandlerReturned, 0);
+                Ok(resp)
             }
             other => Err(super::unexpected(&other)),
         }
