@@ -1297,8 +1297,10 @@ pub async fn run(cfg: &RunConfig) -> Report {
     if matches!(verdict, Verdict::Violation { .. }) {
         report.failing_history =
             tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, budget));
+    }
+    if !matches!(verdict, Verdict::Linearizable) {
         // Debugging aid: the whole history and ground truth, for a violation that the
-        // smallest failing prefix alone does not explain.
+        // smallest failing prefix alone does not explain, or a search that ran out of time.
         if let Some(dir) = std::env::var_os("KEYHOLD_TEST_DUMP_DIR") {
             let dir = std::path::Path::new(&dir).join(format!("seed-{}", cfg.seed));
             let _ = std::fs::create_dir_all(&dir);
