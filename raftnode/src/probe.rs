@@ -38,6 +38,8 @@ pub enum Stage {
     ClientRead = 13,
     /// A write to a client connection took bytes (index: how many).
     ClientWritten = 14,
+    /// The flusher starts an fsync (index: the last entry it covers).
+    FsyncStarted = 15,
 }
 
 #[cfg(feature = "latency-probe")]

@@ -189,6 +189,10 @@ fn flush(batch: Vec<PendingFlush>, durability: &Durability) {
         if synced.contains(&ptr) {
             continue;
         }
+        probe::mark(
+            Stage::FsyncStarted,
+            batch.last().map_or(0, |p| p.last.index),
+        );
         if let Err(e) = pending.file.sync_data() {
             tracing::error!(error = %e, "fsync of the raft log failed; stopping");
             std::process::exit(1);
