@@ -26,3 +26,4 @@ pub mod node;
 pub mod peer;
 pub mod probe;
 pub mod raft;
+pub mod writeback;

@@ -2,7 +2,7 @@
 //! the ordered shutdown path.
 //!
 //! Shutdown order: stop accepting client connections and end watch/keepalive streams → stop the
-//! drivers → `raft.shutdown()` → `store.persist()` (fsync) → drop.
+//! drivers → `raft.shutdown()` → stop the journal writeback → `store.persist()` (fsync) → drop.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,6 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Applied, Member, Proposal, Raft};
+use crate::writeback::JournalWriteback;
 
 /// Etcd version reported by Status and `/version`, so version-gated clients work.
 pub const ETCD_COMPAT_VERSION: &str = "3.7.0";
@@ -787,6 +788,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     };
     let store = Arc::new(KvStore::with_database(db, options)?);
     spawn_live_index_load(store.clone());
+    let journal_writeback = JournalWriteback::start(config.data_dir.join("db"))?;
     let member_id = crate::ids::member_id(&config.advertise_peer_urls, &config.cluster_token);
     let log_store = LogStore::open(&config.data_dir.join("raft-log"), member_id)?;
     let clock = Clock::default();
@@ -911,6 +913,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     }
     peers.close();
     peer_server.abort();
+    journal_writeback.stop();
     node.store.persist()?;
     tracing::info!("stopped");
     Ok(())
