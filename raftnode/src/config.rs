@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// Upper bound of `--worker-threads` (a typo's guard: each thread has its own stack).
+const WORKER_THREADS_MAX: usize = 1024;
+
 /// Command-line flags of `keyhold-node`.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -127,6 +130,11 @@ pub struct Config {
         default_value = "10m"
     )]
     pub watch_progress_notify_interval: String,
+    /// Threads of the async runtime (0: one per core). Members that share a host each take a
+    /// share of its cores: `deploy/local` gives each of its three members one thread per three
+    /// cores (at least one).
+    #[arg(long, env = "KEYHOLD_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Print the data dir's whole MVCC history as JSON lines and exit (offline checks; the
     /// node must be stopped).
     #[arg(long, hide = true)]
@@ -177,6 +185,8 @@ pub struct ValidConfig {
     pub compaction_sleep_interval: Duration,
     /// Watch progress notify interval.
     pub progress_notify_interval: Duration,
+    /// Async runtime threads; `None` for one per core.
+    pub worker_threads: Option<usize>,
     /// Log filter.
     pub log_level: String,
     /// Dump history and exit.
@@ -402,6 +412,11 @@ impl Config {
             ));
         }
         let compaction_sleep_interval = parse_duration(&self.compaction_sleep_interval, 1)?;
+        if self.worker_threads > WORKER_THREADS_MAX {
+            return Err(ConfigError::Invalid(format!(
+                "--worker-threads must be at most {WORKER_THREADS_MAX} (0: one per core)"
+            )));
+        }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "--max-txn-ops and --max-request-bytes must be > 0".into(),
@@ -429,6 +444,7 @@ impl Config {
             compaction_batch_limit: self.compaction_batch_limit,
             compaction_sleep_interval,
             progress_notify_interval: progress,
+            worker_threads: (self.worker_threads > 0).then_some(self.worker_threads),
             log_level: self.log_level,
             debug_dump_history: self.debug_dump_history,
         })
@@ -471,6 +487,27 @@ mod tests {
         assert_eq!(c.initial_cluster.len(), 1);
         assert_eq!(c.quota_bytes, 2 * 1024 * 1024 * 1024);
         assert_eq!(c.auto_compaction, AutoCompaction::Disabled);
+        assert_eq!(c.worker_threads, None, "one runtime thread per core");
+    }
+
+    #[test]
+    fn worker_threads_zero_means_one_per_core_and_huge_is_refused() {
+        assert_eq!(
+            config(&["--worker-threads", "0"])
+                .expect("valid")
+                .worker_threads,
+            None
+        );
+        assert_eq!(
+            config(&["--worker-threads", "1"])
+                .expect("valid")
+                .worker_threads,
+            Some(1)
+        );
+        assert!(matches!(
+            config(&["--worker-threads", "100000"]),
+            Err(ConfigError::Invalid(m)) if m.contains("--worker-threads")
+        ));
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     keyhold_raftnode::http::install_metrics();
-    let runtime = match runtime() {
+    let runtime = match runtime(config.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyhold-node: cannot start runtime: {e}");
@@ -68,9 +68,17 @@ fn main() -> std::process::ExitCode {
 /// (BENCHMARKS.md).
 /// `disable_lifo_slot` needs `--cfg tokio_unstable` (set in `.cargo/config.toml`); a build
 /// without it keeps the slot and says so at startup.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// `workers` is `--worker-threads` (`None`: one per core). Members sharing a host run better
+/// with fewer: with three members and a client on 2 cores, each member's two threads handed
+/// every wake-up across cores, and one thread per member cut CPU per put at 1 client by a
+/// seventh (BENCHMARKS.md).
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     #[cfg(not(tokio_unstable))]
