@@ -48,6 +48,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        "async runtime started"
+    );
     match runtime.block_on(keyhold_raftnode::node::run(config, shutdown_signal())) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
