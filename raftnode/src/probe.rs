@@ -40,6 +40,8 @@ pub enum Stage {
     ClientWritten = 14,
     /// The flusher starts an fsync (index: the last entry it covers).
     FsyncStarted = 15,
+    /// The state machine has applied entries (index: the last one).
+    ApplyDone = 16,
 }
 
 #[cfg(feature = "latency-probe")]

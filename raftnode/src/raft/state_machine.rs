@@ -285,12 +285,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 points &= p.writes.iter().all(WriteRequest::is_point);
             }
         }
-        if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall() {
-            return apply_entries(&store, &compacted, now_ms, entries);
-        }
-        tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
-            .await
-            .map_err(sm_err)?
+        let last = entries.last().map_or(0, |e| e.log_id.index);
+        let applied = if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall() {
+            apply_entries(&store, &compacted, now_ms, entries)
+        } else {
+            tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
+                .await
+                .map_err(sm_err)?
+        };
+        crate::probe::mark(crate::probe::Stage::ApplyDone, last);
+        applied
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
