@@ -3,11 +3,16 @@
 //! ```text
 //!  member A                                   member B
 //!  Peers::call ──► one QUIC connection per peer ──► server::serve ──► handle (raft / node)
-//!                  one bidirectional stream per request: envelope ─► answer
+//!                  request streams, each: envelope ─► answer, envelope ─► answer, ...
 //! ```
 //!
-//! Every request is its own QUIC stream, so a snapshot or a large append never delays a
-//! heartbeat or a forwarded write: streams are independent, there is no head-of-line blocking.
+//! A request stream carries one request at a time and is kept open between requests: each
+//! replication task (one per follower) keeps one for its AppendEntries and heartbeats, and other
+//! calls take a kept stream from a small pool, or open one when none is idle. Streams are
+//! independent, so a snapshot (a stream of its own, ended with its data), a large append or a
+//! slow forwarded write never delays a heartbeat: there is no head-of-line blocking. Keeping
+//! streams saves, per request, opening, accepting and ending a stream and the task the
+//! receiver starts for each stream.
 //!
 //! - [`wire`]: messages and length-prefixed frames with a size limit.
 //! - [`tls`]: mutual TLS from certificate files, or auto TLS.
@@ -23,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use wire::{Answer, Envelope, PeerRequest, PeerResponse};
+use wire::{Answer, EnvelopeRef, PeerRequest, PeerResponse};
 
 use crate::error::Error;
 
@@ -33,6 +38,10 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 const REDIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// ...doubling up to this bound.
 const REDIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Request streams kept open per peer between calls (a stream serves one call at a time; more
+/// calls at once open more streams, and those beyond this are ended after their call).
+const IDLE_STREAMS_PER_PEER_MAX: usize = 8;
 
 /// Why a peer request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -78,6 +87,15 @@ impl Faults {
     }
 }
 
+/// A request stream kept open for a sequence of requests to one peer, each answered before
+/// the next is sent (one per replication task, for its AppendEntries and heartbeats). Per
+/// request it saves opening, accepting and closing a stream, and the task the peer starts for
+/// each stream it accepts.
+pub struct RequestStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
 /// One cached connection slot per peer address; dials to one address are serialized, dials to
 /// different addresses are not (a dead peer never delays heartbeats to live ones).
 #[derive(Default)]
@@ -94,6 +112,8 @@ pub struct Peers {
     cluster_id: AtomicU64,
     endpoint: quinn::Endpoint,
     slots: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Request streams kept between calls, per peer address.
+    idle: Mutex<HashMap<SocketAddr, Vec<RequestStream>>>,
     /// Test-only transport faults.
     pub faults: Faults,
 }
@@ -115,6 +135,7 @@ impl Peers {
             cluster_id: AtomicU64::new(0),
             endpoint: endpoint.clone(),
             slots: Mutex::default(),
+            idle: Mutex::default(),
             faults: Faults::default(),
         });
         Ok((peers, endpoint))
@@ -185,31 +206,96 @@ impl Peers {
         &self,
         target: u64,
         addr: SocketAddr,
-        request: PeerRequest,
+        request: &PeerRequest,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), PeerError> {
+        self.check_faults(target)?;
+        let conn = self.connection(target, addr).await?;
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| PeerError::Unreachable(target, e.to_string()))?;
+        self.write_request(target, &mut send, request).await?;
+        Ok((send, recv))
+    }
+
+    fn check_faults(&self, target: u64) -> Result<(), PeerError> {
         if self.faults.drops_to(target) {
             return Err(PeerError::Unreachable(
                 target,
                 "dropped by a test fault".into(),
             ));
         }
-        let conn = self.connection(target, addr).await?;
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| PeerError::Unreachable(target, e.to_string()))?;
-        let envelope = Envelope {
+        Ok(())
+    }
+
+    async fn write_request(
+        &self,
+        target: u64,
+        send: &mut quinn::SendStream,
+        request: &PeerRequest,
+    ) -> Result<(), PeerError> {
+        let envelope = EnvelopeRef {
             from: self.me,
             cluster_id: self.cluster_id.load(Ordering::Relaxed),
             request,
         };
-        wire::write_frame(&mut send, &envelope)
+        wire::write_frame(send, &envelope)
             .await
-            .map_err(|e| PeerError::Unreachable(target, e.to_string()))?;
-        Ok((send, recv))
+            .map_err(|e| PeerError::Unreachable(target, e.to_string()))
     }
 
-    /// Sends `request` to `target` and waits up to `timeout` for its answer.
+    /// Sends `request` on `stream`, a request stream kept open between calls, and waits up to
+    /// `timeout` for its answer. A missing or broken stream (its connection closed) is replaced
+    /// by a new one before anything counts as failed. After a failure or a timeout the stream
+    /// is dropped, since its answer may still arrive and would be read as the next call's.
+    ///
+    /// # Errors
+    /// See [`PeerError`].
+    pub async fn call_on(
+        &self,
+        stream: &mut Option<RequestStream>,
+        target: u64,
+        addr: SocketAddr,
+        request: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let reused = stream.take();
+        let exchange = async {
+            let mut sent = None;
+            if let Some(mut s) = reused
+                && self.check_faults(target).is_ok()
+                && self
+                    .write_request(target, &mut s.send, request)
+                    .await
+                    .is_ok()
+            {
+                sent = Some(s);
+            }
+            let mut open = match sent {
+                Some(s) => s,
+                None => {
+                    let (send, recv) = self.open(target, addr, request).await?;
+                    RequestStream { send, recv }
+                }
+            };
+            let answer: Answer = wire::read_frame(&mut open.recv)
+                .await
+                .map_err(|e| PeerError::Failed(target, e.to_string()))?;
+            Ok((open, answer))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok((open, answer))) => {
+                *stream = Some(open);
+                answer.map_err(PeerError::Remote)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PeerError::Failed(target, "timed out".into())),
+        }
+    }
+
+    /// Sends `request` to `target` and waits up to `timeout` for its answer, on a request
+    /// stream kept from an earlier call when one is idle, and keeps the stream for a later
+    /// call afterwards.
     ///
     /// # Errors
     /// See [`PeerError`].
@@ -220,14 +306,28 @@ impl Peers {
         request: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        let exchange = async {
-            let (mut send, mut recv) = self.open(target, addr, request).await?;
-            let _ = send.finish();
-            await_answer(target, &mut recv).await
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(PeerError::Failed(target, "timed out".into())),
+        let mut stream = self.idle_stream(addr);
+        let answer = self
+            .call_on(&mut stream, target, addr, &request, timeout)
+            .await;
+        if let Some(s) = stream {
+            self.keep_idle(addr, s);
+        }
+        answer
+    }
+
+    fn idle_stream(&self, addr: SocketAddr) -> Option<RequestStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.get_mut(&addr).and_then(Vec::pop)
+    }
+
+    /// Keeps `stream` for a later call to `addr`, unless enough are kept already (then it is
+    /// dropped, which ends it; the peer ends its side in turn).
+    fn keep_idle(&self, addr: SocketAddr, stream: RequestStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = idle.entry(addr).or_default();
+        if kept.len() < IDLE_STREAMS_PER_PEER_MAX {
+            kept.push(stream);
         }
     }
 
@@ -271,18 +371,21 @@ pub async fn await_answer(
 mod tests {
     use super::*;
     use crate::config::PeerTlsConfig;
+    use wire::Envelope;
 
-    /// Both ends read each stream to its end, so neither sends STOP_SENDING: a request costs
-    /// one packet each way, not two. (A current-thread runtime keeps each frame and its end in
-    /// one packet, which a multi-threaded one usually but not always does.)
+    /// Calls one after another share one kept stream, and neither end sends STOP_SENDING (one
+    /// more packet and wakeup of the other member per request). Calls at once use one stream
+    /// each, and are kept for later calls up to the bound.
     #[tokio::test]
-    async fn a_request_stream_is_read_to_its_end_on_both_sides() {
+    async fn calls_share_kept_streams_and_nothing_is_stopped() {
         let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let hosts = ["127.0.0.1".to_string()];
         let tls = || tls::build(&PeerTlsConfig::Auto, &hosts).expect("tls");
         let (client, _) = Peers::bind(1, local, tls()).expect("bind");
         let (_server, endpoint) = Peers::bind(2, local, tls()).expect("bind");
         let addr = endpoint.local_addr().expect("addr");
+        let streams = Arc::new(AtomicU64::new(0));
+        let accepted = streams.clone();
         let answering = tokio::spawn(async move {
             let conn = endpoint
                 .accept()
@@ -291,22 +394,53 @@ mod tests {
                 .await
                 .expect("conn");
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let envelope: Envelope = wire::read_frame(&mut recv).await.expect("request");
-                assert!(matches!(envelope.request, PeerRequest::ReadIndex));
-                wire::take_end(&mut recv);
-                let answer: Answer = Ok(PeerResponse::ReadIndex(7));
-                wire::write_frame(&mut send, &answer).await.expect("answer");
-                send.finish().expect("finish");
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    while let Ok(Some(envelope)) =
+                        wire::read_frame_or_end::<Envelope>(&mut recv).await
+                    {
+                        assert!(matches!(envelope.request, PeerRequest::ReadIndex));
+                        let answer: Answer = Ok(PeerResponse::ReadIndex(7));
+                        wire::write_frame(&mut send, &answer).await.expect("answer");
+                    }
+                    let _ = send.finish();
+                });
             }
             conn.stats().frame_tx.stop_sending
         });
+        let timeout = Duration::from_secs(5);
         for _ in 0..20 {
             let answer = client
-                .call(2, addr, PeerRequest::ReadIndex, Duration::from_secs(5))
+                .call(2, addr, PeerRequest::ReadIndex, timeout)
                 .await
                 .expect("call");
             assert!(matches!(answer, PeerResponse::ReadIndex(7)));
         }
+        assert_eq!(
+            streams.load(Ordering::SeqCst),
+            1,
+            "one stream for calls in turn"
+        );
+        let at_once = IDLE_STREAMS_PER_PEER_MAX + 4;
+        let calls = (0..at_once).map(|_| client.call(2, addr, PeerRequest::ReadIndex, timeout));
+        for answer in futures::future::join_all(calls).await {
+            assert!(
+                matches!(answer, Ok(PeerResponse::ReadIndex(7))),
+                "{answer:?}"
+            );
+        }
+        let opened = streams.load(Ordering::SeqCst) as usize;
+        assert!(
+            opened > 1 && opened <= at_once,
+            "{opened} streams for {at_once} calls at once"
+        );
+        let kept = client
+            .idle
+            .lock()
+            .expect("idle")
+            .get(&addr)
+            .map_or(0, Vec::len);
+        assert!(kept <= IDLE_STREAMS_PER_PEER_MAX, "{kept} streams kept");
         let conn = client
             .slot(addr)
             .lock()
@@ -319,8 +453,80 @@ mod tests {
             0,
             "the caller stopped a stream"
         );
+        client.idle.lock().expect("idle").clear();
         conn.close(0u32.into(), b"done");
         let stopped = answering.await.expect("server task");
         assert_eq!(stopped, 0, "the server stopped a stream");
+    }
+
+    /// Requests sent with `call_on` share one stream, answered in order; a test fault drops the
+    /// stream, and the next call after it opens a new one.
+    #[tokio::test]
+    async fn requests_on_a_kept_stream_share_it_until_it_fails() {
+        let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let hosts = ["127.0.0.1".to_string()];
+        let tls = || tls::build(&PeerTlsConfig::Auto, &hosts).expect("tls");
+        let (client, _) = Peers::bind(1, local, tls()).expect("bind");
+        let (_server, endpoint) = Peers::bind(2, local, tls()).expect("bind");
+        let addr = endpoint.local_addr().expect("addr");
+        let streams = Arc::new(AtomicU64::new(0));
+        let accepted = streams.clone();
+        tokio::spawn(async move {
+            let conn = endpoint
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("conn");
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    while let Ok(Some(envelope)) =
+                        wire::read_frame_or_end::<Envelope>(&mut recv).await
+                    {
+                        assert!(matches!(envelope.request, PeerRequest::ReadIndex));
+                        answered += 1;
+                        let answer: Answer = Ok(PeerResponse::ReadIndex(answered));
+                        wire::write_frame(&mut send, &answer).await.expect("answer");
+                    }
+                    let _ = send.finish();
+                });
+            }
+        });
+        let timeout = Duration::from_secs(5);
+        let mut stream = None;
+        for n in 1..=20 {
+            let answer = client
+                .call_on(&mut stream, 2, addr, &PeerRequest::ReadIndex, timeout)
+                .await
+                .expect("call");
+            assert!(
+                matches!(answer, PeerResponse::ReadIndex(i) if i == n),
+                "{answer:?}"
+            );
+            assert!(stream.is_some());
+        }
+        assert_eq!(streams.load(Ordering::SeqCst), 1, "one stream for all");
+        client.faults.set(HashSet::from([2]), HashSet::new());
+        let failed = client
+            .call_on(&mut stream, 2, addr, &PeerRequest::ReadIndex, timeout)
+            .await;
+        assert!(
+            matches!(failed, Err(PeerError::Unreachable(2, _))),
+            "{failed:?}"
+        );
+        assert!(stream.is_none(), "a failed call drops its stream");
+        client.faults.set(HashSet::new(), HashSet::new());
+        let answer = client
+            .call_on(&mut stream, 2, addr, &PeerRequest::ReadIndex, timeout)
+            .await
+            .expect("call");
+        assert!(matches!(answer, PeerResponse::ReadIndex(1)), "{answer:?}");
+        assert_eq!(
+            streams.load(Ordering::SeqCst),
+            2,
+            "a new stream after the failure"
+        );
     }
 }

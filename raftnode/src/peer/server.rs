@@ -29,48 +29,73 @@ pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>) {
     }
 }
 
+/// Answers the requests of one stream in turn until its sender ends it: senders keep request
+/// streams open between calls (see [`super::RequestStream`]). A snapshot's stream carries the
+/// snapshot's data after the request and ends with it.
 async fn handle_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let envelope: Envelope = match wire::read_frame(&mut recv).await {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::debug!(error = %e, "bad peer request");
-            let _ = send.reset(1u32.into());
+    let mut first = true;
+    loop {
+        let envelope: Envelope = match wire::read_frame_or_end(&mut recv).await {
+            Ok(Some(e)) => e,
+            Ok(None) if !first => {
+                let _ = send.finish();
+                return;
+            }
+            Ok(None) => {
+                let _ = send.reset(1u32.into());
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bad peer request");
+                let _ = send.reset(1u32.into());
+                return;
+            }
+        };
+        first = false;
+        if node.peers.faults.drops_from(envelope.from) {
+            let _ = send.reset(2u32.into());
             return;
         }
-    };
-    if node.peers.faults.drops_from(envelope.from) {
-        let _ = send.reset(2u32.into());
-        return;
-    }
-    if envelope.cluster_id != 0 && node.cluster_id != 0 && envelope.cluster_id != node.cluster_id {
-        tracing::warn!(
-            from = format!("{:x}", envelope.from),
-            cluster_id = format!("{:x}", envelope.cluster_id),
-            "request from a member of another cluster refused"
-        );
-        let _ = wire::write_frame(
-            &mut send,
-            &Answer::Err(Error::Internal("cluster ID mismatch".into())),
-        )
-        .await;
-        let _ = send.finish();
-        return;
-    }
-    let appended = match &envelope.request {
-        PeerRequest::AppendEntries(rpc) => {
-            let last = rpc.entries.last().map_or(0, |e| e.log_id.index);
-            probe::mark(Stage::AppendReceived, last);
-            Some(last)
+        if envelope.cluster_id != 0
+            && node.cluster_id != 0
+            && envelope.cluster_id != node.cluster_id
+        {
+            tracing::warn!(
+                from = format!("{:x}", envelope.from),
+                cluster_id = format!("{:x}", envelope.cluster_id),
+                "request from a member of another cluster refused"
+            );
+            let _ = wire::write_frame(
+                &mut send,
+                &Answer::Err(Error::Internal("cluster ID mismatch".into())),
+            )
+            .await;
+            let _ = send.finish();
+            return;
         }
-        _ => None,
-    };
-    let answer = handle(&node, envelope.request, &mut recv).await;
-    wire::take_end(&mut recv);
-    if wire::write_frame(&mut send, &answer).await.is_ok() {
+        let appended = match &envelope.request {
+            PeerRequest::AppendEntries(rpc) => {
+                let last = rpc.entries.last().map_or(0, |e| e.log_id.index);
+                probe::mark(Stage::AppendReceived, last);
+                Some(last)
+            }
+            _ => None,
+        };
+        let snapshot = matches!(envelope.request, PeerRequest::Snapshot { .. });
+        let answer = handle(&node, envelope.request, &mut recv).await;
+        if snapshot {
+            wire::take_end(&mut recv);
+        }
+        if wire::write_frame(&mut send, &answer).await.is_err() {
+            return;
+        }
         if let Some(last) = appended {
             probe::mark(Stage::AppendAnswerWritten, last);
         }
-        let _ = send.finish();
+        if snapshot {
+            let _ = send.finish();
+            return;
+        }
     }
 }
 

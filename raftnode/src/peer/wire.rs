@@ -32,6 +32,18 @@ pub struct Envelope {
     pub request: PeerRequest,
 }
 
+/// An [`Envelope`] as its sender writes it: the request borrowed, so that a request can be
+/// sent again on a new stream without a copy. Encodes exactly as [`Envelope`].
+#[derive(Debug, Serialize)]
+pub struct EnvelopeRef<'a> {
+    /// Sending member.
+    pub from: u64,
+    /// Cluster the sender belongs to.
+    pub cluster_id: u64,
+    /// The request.
+    pub request: &'a PeerRequest,
+}
+
 /// A membership change, run on the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipChange {
@@ -208,6 +220,31 @@ pub async fn read_raw(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameErro
     recv.read_exact(&mut len)
         .await
         .map_err(|e| FrameError::Stream(e.to_string()))?;
+    read_body(recv, len).await
+}
+
+/// Reads one frame, or `None` when the stream ends cleanly where a frame would start (a
+/// request stream kept open for several requests, closed by its sender).
+///
+/// # Errors
+/// As [`read_frame`]; a stream that ends inside a frame is an error.
+pub async fn read_frame_or_end<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameError::Stream(e.to_string())),
+    }
+    let body = read_body(recv, len).await?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Reads the body of a frame whose length prefix was `len`.
+async fn read_body(recv: &mut quinn::RecvStream, len: [u8; 4]) -> Result<Vec<u8>, FrameError> {
     let len = u32::from_be_bytes(len) as usize;
     if len > FRAME_BYTES_MAX {
         return Err(FrameError::TooLarge(len));

@@ -24,7 +24,7 @@ use openraft::{LogId, OptionalSend, Vote};
 use super::log_store::{Durability, DurableLog};
 use super::{Member, TypeConfig};
 use crate::peer::wire::{self, PeerRequest, PeerResponse, SNAPSHOT_CHUNK_BYTES};
-use crate::peer::{PeerError, Peers};
+use crate::peer::{PeerError, Peers, RequestStream};
 use crate::probe::{self, Stage};
 
 /// Snapshot chunks exported ahead of the network (bounds the sender's memory).
@@ -66,6 +66,9 @@ pub struct PeerClient {
     peers: Arc<Peers>,
     store: Arc<KvStore>,
     durability: Arc<Durability>,
+    /// The stream this client's AppendEntries go on, kept between them (openraft sends one at
+    /// a time per follower).
+    append_stream: Option<RequestStream>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -78,6 +81,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             store: self.store.clone(),
             durability: self.durability.clone(),
+            append_stream: None,
         }
     }
 }
@@ -173,7 +177,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
         let last = rpc.entries.last().map_or(0, |e| e.log_id.index);
         probe::mark(Stage::AppendSending, last);
-        let answer = self.call(PeerRequest::AppendEntries(rpc), &option).await;
+        let addr = self.addr().map_err(RPCError::Unreachable)?;
+        let answer = self
+            .peers
+            .call_on(
+                &mut self.append_stream,
+                self.target,
+                addr,
+                &PeerRequest::AppendEntries(rpc),
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(rpc_error);
         probe::mark(Stage::AppendAnswered, last);
         match answer? {
             PeerResponse::AppendEntries(Ok(r)) => Ok(r),
@@ -222,7 +237,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let addr = self.addr()?;
         let meta = snapshot.meta.clone();
         let request = PeerRequest::Snapshot { vote, meta };
-        let (mut send, mut recv) = match self.peers.open(self.target, addr, request).await {
+        let (mut send, mut recv) = match self.peers.open(self.target, addr, &request).await {
             Ok(s) => s,
             Err(e @ PeerError::Unreachable(..)) => {
                 return Err(StreamingError::Unreachable(Unreachable::new(&e)));
