@@ -373,11 +373,16 @@ mod tests {
     use crate::config::PeerTlsConfig;
     use wire::Envelope;
 
-    /// Calls one after another share one kept stream, and neither end sends STOP_SENDING (one
-    /// more packet and wakeup of the other member per request). Calls at once use one stream
-    /// each, and are kept for later calls up to the bound.
-    #[tokio::test]
-    async fn calls_share_kept_streams_and_nothing_is_stopped() {
+    /// A caller (member 1) and a peer (member 2) that answers each read index request with how
+    /// many requests its stream has carried. Returns the caller, the peer's address, the count
+    /// of streams the peer accepted, and the peer's task, which ends with how many STOP_SENDING
+    /// frames it sent once its connection is closed.
+    fn caller_and_peer() -> (
+        Arc<Peers>,
+        SocketAddr,
+        Arc<AtomicU64>,
+        tokio::task::JoinHandle<u64>,
+    ) {
         let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let hosts = ["127.0.0.1".to_string()];
         let tls = || tls::build(&PeerTlsConfig::Auto, &hosts).expect("tls");
@@ -396,11 +401,13 @@ mod tests {
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let mut answered = 0;
                     while let Ok(Some(envelope)) =
                         wire::read_frame_or_end::<Envelope>(&mut recv).await
                     {
                         assert!(matches!(envelope.request, PeerRequest::ReadIndex));
-                        let answer: Answer = Ok(PeerResponse::ReadIndex(7));
+                        answered += 1;
+                        let answer: Answer = Ok(PeerResponse::ReadIndex(answered));
                         wire::write_frame(&mut send, &answer).await.expect("answer");
                     }
                     let _ = send.finish();
@@ -408,13 +415,25 @@ mod tests {
             }
             conn.stats().frame_tx.stop_sending
         });
+        (client, addr, streams, answering)
+    }
+
+    /// Calls one after another share one kept stream, and neither end sends STOP_SENDING (one
+    /// more packet and wakeup of the other member per request). Calls at once use one stream
+    /// each, and are kept for later calls up to the bound.
+    #[tokio::test]
+    async fn calls_share_kept_streams_and_nothing_is_stopped() {
+        let (client, addr, streams, answering) = caller_and_peer();
         let timeout = Duration::from_secs(5);
-        for _ in 0..20 {
+        for n in 1..=20 {
             let answer = client
                 .call(2, addr, PeerRequest::ReadIndex, timeout)
                 .await
                 .expect("call");
-            assert!(matches!(answer, PeerResponse::ReadIndex(7)));
+            assert!(
+                matches!(answer, PeerResponse::ReadIndex(i) if i == n),
+                "{answer:?}"
+            );
         }
         assert_eq!(
             streams.load(Ordering::SeqCst),
@@ -425,7 +444,7 @@ mod tests {
         let calls = (0..at_once).map(|_| client.call(2, addr, PeerRequest::ReadIndex, timeout));
         for answer in futures::future::join_all(calls).await {
             assert!(
-                matches!(answer, Ok(PeerResponse::ReadIndex(7))),
+                matches!(answer, Ok(PeerResponse::ReadIndex(_))),
                 "{answer:?}"
             );
         }
@@ -463,37 +482,7 @@ mod tests {
     /// stream, and the next call after it opens a new one.
     #[tokio::test]
     async fn requests_on_a_kept_stream_share_it_until_it_fails() {
-        let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let hosts = ["127.0.0.1".to_string()];
-        let tls = || tls::build(&PeerTlsConfig::Auto, &hosts).expect("tls");
-        let (client, _) = Peers::bind(1, local, tls()).expect("bind");
-        let (_server, endpoint) = Peers::bind(2, local, tls()).expect("bind");
-        let addr = endpoint.local_addr().expect("addr");
-        let streams = Arc::new(AtomicU64::new(0));
-        let accepted = streams.clone();
-        tokio::spawn(async move {
-            let conn = endpoint
-                .accept()
-                .await
-                .expect("incoming")
-                .await
-                .expect("conn");
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut answered = 0;
-                    while let Ok(Some(envelope)) =
-                        wire::read_frame_or_end::<Envelope>(&mut recv).await
-                    {
-                        assert!(matches!(envelope.request, PeerRequest::ReadIndex));
-                        answered += 1;
-                        let answer: Answer = Ok(PeerResponse::ReadIndex(answered));
-                        wire::write_frame(&mut send, &answer).await.expect("answer");
-                    }
-                    let _ = send.finish();
-                });
-            }
-        });
+        let (client, addr, streams, _answering) = caller_and_peer();
         let timeout = Duration::from_secs(5);
         let mut stream = None;
         for n in 1..=20 {
