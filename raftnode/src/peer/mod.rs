@@ -88,9 +88,9 @@ impl Faults {
 }
 
 /// A request stream kept open for a sequence of requests to one peer, each answered before
-/// the next is sent (one per replication task, for its AppendEntries and heartbeats). Per
-/// request it saves opening, accepting and closing a stream, and the task the peer starts for
-/// each stream it accepts.
+/// the next is sent: one per replication task (its AppendEntries and heartbeats), and the idle
+/// pool [`Peers::call`] draws on. Per request it saves opening, accepting and closing a stream,
+/// and the task the peer starts for each stream it accepts.
 pub struct RequestStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,

@@ -237,10 +237,7 @@ pub async fn read_frame_or_end<T: DeserializeOwned>(
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(e) => return Err(FrameError::Stream(e.to_string())),
     }
-    let body = read_body(recv, len).await?;
-    postcard::from_bytes(&body)
-        .map(Some)
-        .map_err(|e| FrameError::Decode(e.to_string()))
+    decode(&read_body(recv, len).await?).map(Some)
 }
 
 /// Reads the body of a frame whose length prefix was `len`.
@@ -272,9 +269,32 @@ pub fn take_end(recv: &mut quinn::RecvStream) {
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, FrameError> {
-    let body = read_raw(recv).await?;
-    postcard::from_bytes(&body).map_err(|e| FrameError::Decode(e.to_string()))
+    decode(&read_raw(recv).await?)
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(body).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
 /// The answer frame's type.
 pub type Answer = Result<PeerResponse, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Senders write [`EnvelopeRef`] and receivers read [`Envelope`]: the two must not drift.
+    #[test]
+    fn a_borrowed_envelope_encodes_as_an_envelope() {
+        let request = PeerRequest::LeaseRenew { id: 42 };
+        let sent = EnvelopeRef {
+            from: 7,
+            cluster_id: 9,
+            request: &request,
+        };
+        let bytes = postcard::to_allocvec(&sent).expect("encode");
+        let read: Envelope = decode(&bytes).expect("decode");
+        assert_eq!((read.from, read.cluster_id), (7, 9));
+        assert!(matches!(read.request, PeerRequest::LeaseRenew { id: 42 }));
+    }
+}
