@@ -22,6 +22,7 @@ use crate::peer::wire::{PeerRequest, PeerResponse};
 use crate::peer::{PeerError, Peers};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
+use crate::raft::proposals::{self, ProposalWaiters, Waiter};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{Applied, Member, Proposal, Raft};
 use crate::writeback::JournalWriteback;
@@ -86,14 +87,13 @@ pub struct Node {
     /// Held for writing while leadership is being moved (MoveLeader): proposals and read-index
     /// rounds, which would refresh the followers' leader leases, wait (read side).
     transfer_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Clients of this member's proposals, shared with its state machine.
+    waiters: Arc<ProposalWaiters>,
 }
 
 /// A write waiting to be proposed, with where its outcome goes: the index of the raft entry
 /// that carried it and what applying it produced.
-type Pending = (WriteRequest, oneshot::Sender<Result<(u64, StoreResult)>>);
-
-/// The outcome of one applied write (a domain error is an outcome, not a failure).
-type StoreResult = std::result::Result<WriteResponse, keyhold_store::Error>;
+type Pending = (WriteRequest, Waiter);
 
 /// Writes queued for the proposer before `propose` waits (back-pressure).
 const PROPOSAL_QUEUE_MAX: usize = 4096;
@@ -132,6 +132,8 @@ struct Router {
     me: u64,
     timeout: Duration,
     gate: Arc<tokio::sync::RwLock<()>>,
+    /// Clients of this member's proposals, shared with its state machine.
+    waiters: Arc<ProposalWaiters>,
 }
 
 impl Router {
@@ -151,9 +153,11 @@ impl Router {
     /// waiting out the timeout on a leader that may be dead.
     async fn to_leader(&self, request: PeerRequest) -> Result<PeerResponse> {
         let (leader, addr) = self.leader_addr()?;
-        let mut metrics = self.raft.metrics();
+        // Server metrics change only with leadership, votes and membership; raft's full
+        // metrics are sent on every turn of its core, several times per write.
+        let mut server = self.raft.server_metrics();
         let deposed = async move {
-            let _ = metrics.wait_for(|m| m.current_leader != Some(leader)).await;
+            let _ = server.wait_for(|m| m.current_leader != Some(leader)).await;
         };
         let call = self.peers.call(leader, addr, request, self.timeout);
         tokio::select! {
@@ -168,42 +172,51 @@ impl Router {
         }
     }
 
-    /// Proposes `proposal` (forwarding it when this member does not lead) and returns the
-    /// index of the (last) entry that carried it and what applying it produced, once this
-    /// member has applied it too (so a serializable read here sees the write).
-    async fn submit(&self, proposal: Proposal) -> Result<(u64, Applied)> {
+    /// Proposes `writes` (forwarding them when this member does not lead) and answers
+    /// `waiters`, one per write, with the index of the (last) entry that carried them and each
+    /// write's outcome, once this member has applied them (so a serializable read here sees the
+    /// write). On the leader the state machine usually answers first ([`ProposalWaiters`]).
+    async fn submit(&self, writes: Vec<WriteRequest>, waiters: Vec<Waiter>) {
         if self.leader() == Some(self.me) {
-            let rx = self
-                .raft
-                .client_write_ff(proposal)
-                .await
-                .map_err(|_| Error::Stopped)?;
-            return match rx.await {
+            let id = self.waiters.register(waiters);
+            let outcome = match self.raft.client_write_ff(Proposal { writes, id }).await {
                 Err(_) => Err(Error::Stopped),
-                Ok(Err(e)) => Err(client_write_error(e)),
-                Ok(Ok(r)) => {
-                    crate::probe::mark(crate::probe::Stage::ProposalApplied, r.log_id.index);
-                    Ok((r.log_id.index, r.data))
-                }
+                Ok(rx) => match rx.await {
+                    Err(_) => Err(Error::Stopped),
+                    Ok(Err(e)) => Err(client_write_error(e)),
+                    Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
+                },
             };
-        }
-        match self.to_leader(PeerRequest::Forward(proposal)).await? {
-            PeerResponse::Forward { index, applied } => {
-                self.wait_applied(index).await?;
-                Ok((index, applied))
+            if let Some(waiters) = self.waiters.take(id) {
+                if let Ok((index, _)) = &outcome {
+                    crate::probe::mark(crate::probe::Stage::ProposalApplied, *index);
+                }
+                proposals::answer(waiters, outcome);
             }
-            other => Err(Error::Internal(format!("leader answered {other:?}"))),
+            return;
         }
+        let outcome = match self
+            .to_leader(PeerRequest::Forward(Proposal { writes, id: 0 }))
+            .await
+        {
+            Ok(PeerResponse::Forward { index, applied }) => {
+                self.wait_applied(index).await.map(|()| (index, applied))
+            }
+            Ok(other) => Err(Error::Internal(format!("leader answered {other:?}"))),
+            Err(e) => Err(e),
+        };
+        proposals::answer(waiters, outcome);
     }
 
     /// Waits until this member has applied `index`. Every linearizable read and forwarded
     /// write passes here, and the index is usually applied already: that case only looks at the
     /// metrics (openraft's `Wait` clones all of them, membership included, on every check).
+    /// Raft's data metrics are watched: they change only when its log or apply progress does.
     async fn wait_applied(&self, index: u64) -> Result<()> {
-        let applied = |m: &openraft::RaftMetrics<u64, Member>| {
+        let applied = |m: &openraft::metrics::RaftDataMetrics<u64>| {
             index == 0 || m.last_applied.is_some_and(|l| l.index >= index)
         };
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.data_metrics();
         if applied(&metrics.borrow()) {
             return Ok(());
         }
@@ -272,24 +285,7 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
         tokio::spawn(async move {
             let gate = router.gate.clone();
             let _open = gate.read().await;
-            match router.submit(Proposal { writes }).await {
-                Ok((index, Applied::Writes(results))) if results.len() == waiters.len() => {
-                    for (w, r) in waiters.into_iter().zip(results) {
-                        let _ = w.send(Ok((index, r)));
-                    }
-                }
-                Ok((_, other)) => {
-                    let e = Error::Internal(format!("proposal applied as {other:?}"));
-                    for w in waiters {
-                        let _ = w.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    for w in waiters {
-                        let _ = w.send(Err(e.clone()));
-                    }
-                }
-            }
+            router.submit(writes, waiters).await;
             drop(permit);
         });
     }
@@ -453,6 +449,7 @@ impl Node {
             me: self.member_id,
             timeout: self.request_timeout(),
             gate: self.transfer_gate.clone(),
+            waiters: self.waiters.clone(),
         }
     }
 
@@ -793,12 +790,14 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     let log_store = LogStore::open(&config.data_dir.join("raft-log"), member_id)?;
     let clock = Clock::default();
     let compacted = Arc::new(tokio::sync::Notify::new());
+    let waiters = Arc::new(ProposalWaiters::default());
     let sm = StateMachine::new(
         store.clone(),
         config.data_dir.join("snap"),
         clock,
         compacted.clone(),
         log_store.durability(),
+        waiters.clone(),
     )?;
 
     let hosts: Vec<String> = config
@@ -848,6 +847,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
         reads,
         peers: peers.clone(),
         transfer_gate: Arc::default(),
+        waiters,
     });
     let peer_server = tokio::spawn(crate::peer::server::serve(endpoint, node.clone()));
     tracing::info!(
@@ -1115,12 +1115,13 @@ pub async fn stopped(mut shutdown: watch::Receiver<bool>) {
 async fn lessor_driver(node: Arc<Node>) {
     let mut tick = tokio::time::interval(LESSOR_TICK);
     let mut was_leader = false;
-    let mut metrics = node.raft.metrics();
+    // Server metrics, not raft's full ones: those are sent on every turn of raft's core.
+    let mut server = node.raft.server_metrics();
     loop {
         // Leadership changes are handled at once; expiry and checkpoints on the tick.
         let ticked = tokio::select! {
             _ = tick.tick() => true,
-            changed = metrics.changed() => {
+            changed = server.changed() => {
                 if changed.is_err() {
                     return;
                 }

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! The leader's fsync runs while followers write theirs; what raft commits is applied and
-//! announced only once it is durable on the leader too (see [`log_store`]).
+//! announced only once it is durable on the leader too (see [`log_store`]). The leader's state
+//! machine answers the clients of its own proposals as it applies them, ahead of raft's answer
+//! (see [`proposals`]).
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes); boxing it here
 // would only add conversions at every trait boundary.
@@ -17,6 +19,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod proposals;
 pub mod state_machine;
 pub mod wal;
 
@@ -30,6 +33,9 @@ use serde::{Deserialize, Serialize};
 pub struct Proposal {
     /// Writes, applied in order.
     pub writes: Vec<WriteRequest>,
+    /// Names the proposal on the leader that made it, whose state machine answers its clients
+    /// as it applies the entry ([`proposals`]); 0 names none.
+    pub id: u64,
 }
 
 /// What applying one log entry produced.

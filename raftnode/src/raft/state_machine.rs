@@ -15,6 +15,7 @@ use openraft::{
 };
 
 use super::log_store::Durability;
+use super::proposals::ProposalWaiters;
 use super::{
     Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, Member, StorageError,
     TypeConfig, encode,
@@ -54,6 +55,8 @@ pub struct StateMachine {
     compacted: Arc<tokio::sync::Notify>,
     /// The raft log's durable end: a leader's entries are applied only once they are on its disk.
     durability: Arc<Durability>,
+    /// Clients of this member's own proposals, answered as their entries apply.
+    waiters: Arc<ProposalWaiters>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -75,6 +78,7 @@ impl StateMachine {
         clock: Clock,
         compacted: Arc<tokio::sync::Notify>,
         durability: Arc<Durability>,
+        waiters: Arc<ProposalWaiters>,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Self {
@@ -83,6 +87,7 @@ impl StateMachine {
             clock,
             compacted,
             durability,
+            waiters,
         })
     }
 
@@ -286,7 +291,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let last = entries.last().map_or(0, |e| e.log_id.index);
-        let applied = if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall() {
+        let proposals: Vec<(usize, u64, u64)> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(at, e)| match &e.payload {
+                EntryPayload::Normal(p) if p.id != 0 => Some((at, p.id, e.log_id.index)),
+                _ => None,
+            })
+            .collect();
+        let mut applied = if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall()
+        {
             apply_entries(&store, &compacted, now_ms, entries)
         } else {
             tokio::task::spawn_blocking(move || apply_entries(&store, &compacted, now_ms, entries))
@@ -294,6 +308,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(sm_err)?
         };
         crate::probe::mark(crate::probe::Stage::ApplyDone, last);
+        if let Ok(applied) = &mut applied {
+            for (at, id, index) in proposals {
+                if let Some(a) = applied.get_mut(at) {
+                    self.waiters.applied(id, index, a);
+                }
+            }
+        }
         applied
     }
 
