@@ -378,7 +378,11 @@ impl Node {
     pub fn raft_indexes(&self) -> (u64, u64) {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
-        let applied = m.last_applied.map_or(0, |l| l.index);
+        // The state machine's own count runs ahead of raft's metrics (see `ProposalWaiters`).
+        let applied = m
+            .last_applied
+            .map_or(0, |l| l.index)
+            .max(self.waiters.applied_index());
         let committed = m.last_log_index.unwrap_or(0).max(applied);
         (committed, applied)
     }

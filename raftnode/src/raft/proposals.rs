@@ -38,6 +38,10 @@ pub struct ProposalWaiters {
     /// restart (which this member may apply again after it) are not the ones waited for now.
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, Vec<Waiter>>>,
+    /// The last index the state machine applied. Raft's metrics learn it a hand-off later than
+    /// the clients answered here, and a client that sends Status after its Put must see the
+    /// put's index applied, as etcd shows it.
+    applied: AtomicU64,
 }
 
 impl Default for ProposalWaiters {
@@ -45,6 +49,7 @@ impl Default for ProposalWaiters {
         Self {
             next: AtomicU64::new(rand::random::<u64>() | 1),
             waiting: Mutex::default(),
+            applied: AtomicU64::new(0),
         }
     }
 }
@@ -82,6 +87,16 @@ impl ProposalWaiters {
             Ok((index, std::mem::replace(applied, Applied::Nothing))),
         );
         true
+    }
+
+    /// The state machine applied everything up to `index`.
+    pub fn applied_through(&self, index: u64) {
+        self.applied.fetch_max(index, Ordering::Release);
+    }
+
+    /// The last index the state machine applied (0 before its first apply).
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<Waiter>>> {
@@ -173,10 +188,19 @@ mod tests {
     }
 
     #[test]
+    fn the_applied_index_only_moves_forward() {
+        let table = ProposalWaiters::default();
+        assert_eq!(table.applied_index(), 0);
+        table.applied_through(12);
+        table.applied_through(9);
+        assert_eq!(table.applied_index(), 12);
+    }
+
+    #[test]
     fn ids_are_distinct_and_never_zero() {
         let table = ProposalWaiters {
             next: AtomicU64::new(u64::MAX),
-            waiting: Mutex::default(),
+            ..ProposalWaiters::default()
         };
         let a = table.register(Vec::new());
         let b = table.register(Vec::new());

@@ -309,6 +309,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         crate::probe::mark(crate::probe::Stage::ApplyDone, last);
         if let Ok(applied) = &mut applied {
+            self.waiters.applied_through(last);
             for (at, id, index) in proposals {
                 if let Some(a) = applied.get_mut(at) {
                     self.waiters.applied(id, index, a);
