@@ -24,7 +24,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::proposals::{self, ProposalWaiters, Waiter};
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Applied, Member, Proposal, Raft};
+use crate::raft::{Applied, Forwarded, Member, Proposal, Raft};
 use crate::writeback::JournalWriteback;
 
 /// Etcd version reported by Status and `/version`, so version-gated clients work.
@@ -91,13 +91,30 @@ pub struct Node {
     waiters: Arc<ProposalWaiters>,
 }
 
-/// A write waiting to be proposed, with where its outcome goes: the index of the raft entry
-/// that carried it and what applying it produced.
-type Pending = (WriteRequest, Waiter);
+/// Writes waiting to be proposed together (a client's write, or a follower's forwarded
+/// proposal, never split between entries), with where each outcome goes: the index of the raft
+/// entry that carried it and what applying it produced.
+struct Pending {
+    writes: Vec<WriteRequest>,
+    waiters: Vec<Waiter>,
+    /// The follower and its proposal ID, when the writes were forwarded.
+    forwarded: Option<(u64, u64)>,
+}
 
-/// Writes queued for the proposer before `propose` waits (back-pressure).
+impl Pending {
+    fn one(req: WriteRequest, waiter: Waiter) -> Self {
+        Self {
+            writes: vec![req],
+            waiters: vec![waiter],
+            forwarded: None,
+        }
+    }
+}
+
+/// Groups of writes queued for the proposer before `propose` waits (back-pressure): a
+/// client's write each, or a follower's forwarded proposal (at most `PROPOSAL_WRITES_MAX`).
 const PROPOSAL_QUEUE_MAX: usize = 4096;
-/// Writes per raft entry.
+/// Writes per raft entry, before the last group added (a group is never split).
 const PROPOSAL_WRITES_MAX: usize = 512;
 /// Encoded bytes per raft entry before the batch is closed (a single write may add up to
 /// `--max-request-bytes` more; the log accepts records up to 16 MiB).
@@ -172,40 +189,48 @@ impl Router {
         }
     }
 
-    /// Proposes `writes` (forwarding them when this member does not lead) and answers
+    /// Proposes `proposal` (forwarding its writes when this member does not lead) and answers
     /// `waiters`, one per write, with the index of the (last) entry that carried them and each
     /// write's outcome, once this member has applied them (so a serializable read here sees the
-    /// write). On the leader the state machine usually answers first ([`ProposalWaiters`]).
-    async fn submit(&self, writes: Vec<WriteRequest>, waiters: Vec<Waiter>) {
-        if self.leader() == Some(self.me) {
-            let id = self.waiters.register(waiters);
-            let outcome = match self.raft.client_write_ff(Proposal { writes, id }).await {
+    /// write). This member's state machine usually answers first, as it applies the entry
+    /// ([`ProposalWaiters`]); the answer from raft or from the leader is the fallback.
+    async fn submit(&self, mut proposal: Proposal, waiters: Vec<Waiter>) {
+        let id = self.waiters.register(waiters);
+        let outcome = if self.leader() == Some(self.me) {
+            proposal.id = id;
+            match self.raft.client_write_ff(proposal).await {
                 Err(_) => Err(Error::Stopped),
                 Ok(rx) => match rx.await {
                     Err(_) => Err(Error::Stopped),
                     Ok(Err(e)) => Err(client_write_error(e)),
                     Ok(Ok(r)) => Ok((r.log_id.index, r.data)),
                 },
-            };
-            if let Some(waiters) = self.waiters.take(id) {
-                if let Ok((index, _)) = &outcome {
-                    crate::probe::mark(crate::probe::Stage::ProposalApplied, *index);
+            }
+        } else {
+            // Runs other followers forwarded here stay unnamed: this member's own run covers
+            // their writes, and they fall back to this member's answer.
+            let count = proposal.writes.len() as u32;
+            proposal.id = 0;
+            proposal.forwarded = vec![Forwarded {
+                member: self.me,
+                id,
+                first: 0,
+                count,
+            }];
+            match self.to_leader(PeerRequest::Forward(proposal)).await {
+                Ok(PeerResponse::Forward { index, applied }) => {
+                    self.wait_applied(index).await.map(|()| (index, applied))
                 }
-                proposals::answer(waiters, outcome);
+                Ok(other) => Err(Error::Internal(format!("leader answered {other:?}"))),
+                Err(e) => Err(e),
             }
-            return;
-        }
-        let outcome = match self
-            .to_leader(PeerRequest::Forward(Proposal { writes, id: 0 }))
-            .await
-        {
-            Ok(PeerResponse::Forward { index, applied }) => {
-                self.wait_applied(index).await.map(|()| (index, applied))
-            }
-            Ok(other) => Err(Error::Internal(format!("leader answered {other:?}"))),
-            Err(e) => Err(e),
         };
-        proposals::answer(waiters, outcome);
+        if let Some(waiters) = self.waiters.take(id) {
+            if let Ok((index, _)) = &outcome {
+                crate::probe::mark(crate::probe::Stage::ProposalApplied, *index);
+            }
+            proposals::answer(waiters, outcome);
+        }
     }
 
     /// Waits until this member has applied `index`. Every linearizable read and forwarded
@@ -273,19 +298,39 @@ async fn proposer(router: Router, mut queue: mpsc::Receiver<Pending>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = postcard::experimental::serialized_size(&first.0).unwrap_or(0);
+        let size = |p: &Pending| postcard::experimental::serialized_size(&p.writes).unwrap_or(0);
+        let mut bytes = size(&first);
+        let mut writes = first.writes.len();
         let mut batch = vec![first];
-        while batch.len() < PROPOSAL_WRITES_MAX && bytes < PROPOSAL_BYTES_MAX {
+        while writes < PROPOSAL_WRITES_MAX && bytes < PROPOSAL_BYTES_MAX {
             let Ok(next) = queue.try_recv() else { break };
-            bytes += postcard::experimental::serialized_size(&next.0).unwrap_or(0);
+            bytes += size(&next);
+            writes += next.writes.len();
             batch.push(next);
         }
-        let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let mut proposal = Proposal {
+            writes: Vec::with_capacity(writes),
+            id: 0,
+            forwarded: Vec::new(),
+        };
+        let mut waiters = Vec::with_capacity(writes);
+        for group in batch {
+            if let Some((member, id)) = group.forwarded {
+                proposal.forwarded.push(Forwarded {
+                    member,
+                    id,
+                    first: proposal.writes.len() as u32,
+                    count: group.writes.len() as u32,
+                });
+            }
+            proposal.writes.extend(group.writes);
+            waiters.extend(group.waiters);
+        }
         let router = router.clone();
         tokio::spawn(async move {
             let gate = router.gate.clone();
             let _open = gate.read().await;
-            router.submit(writes, waiters).await;
+            router.submit(proposal, waiters).await;
             drop(permit);
         });
     }
@@ -418,7 +463,7 @@ impl Node {
         }
         let (tx, rx) = oneshot::channel();
         self.proposals
-            .send((req, tx))
+            .send(Pending::one(req, tx))
             .await
             .map_err(|_| Error::Stopped)?;
         match tokio::time::timeout(self.request_timeout(), rx).await {
@@ -502,15 +547,22 @@ impl Node {
         if !self.is_leader() {
             return Err(Error::LeaderChanged);
         }
-        let mut outcomes = Vec::with_capacity(proposal.writes.len());
-        for req in proposal.writes {
-            let (tx, rx) = oneshot::channel();
-            self.proposals
-                .send((req, tx))
-                .await
-                .map_err(|_| Error::Stopped)?;
-            outcomes.push(rx);
-        }
+        // The follower's run, when the forward names one covering every write.
+        let n = proposal.writes.len();
+        let forwarded = match proposal.forwarded.as_slice() {
+            [f] if f.writes() == (0..n) => Some((f.member, f.id)),
+            _ => None,
+        };
+        let (waiters, outcomes): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
+        let group = Pending {
+            writes: proposal.writes,
+            waiters,
+            forwarded,
+        };
+        self.proposals
+            .send(group)
+            .await
+            .map_err(|_| Error::Stopped)?;
         let collect = async {
             let mut last = 0;
             let mut results = Vec::with_capacity(outcomes.len());
@@ -645,7 +697,7 @@ impl Node {
                 id,
                 remaining_ttl: 0,
             };
-            let _ = self.proposals.try_send((clear, tx));
+            let _ = self.proposals.try_send(Pending::one(clear, tx));
         }
         Ok(ttl)
     }
@@ -794,7 +846,7 @@ pub async fn run(config: ValidConfig, shutdown: impl Future<Output = ()>) -> any
     let log_store = LogStore::open(&config.data_dir.join("raft-log"), member_id)?;
     let clock = Clock::default();
     let compacted = Arc::new(tokio::sync::Notify::new());
-    let waiters = Arc::new(ProposalWaiters::default());
+    let waiters = Arc::new(ProposalWaiters::new(member_id));
     let sm = StateMachine::new(
         store.clone(),
         config.data_dir.join("snap"),

@@ -36,6 +36,30 @@ pub struct Proposal {
     /// Names the proposal on the leader that made it, whose state machine answers its clients
     /// as it applies the entry ([`proposals`]); 0 names none.
     pub id: u64,
+    /// Runs of `writes` that followers forwarded: each follower's state machine answers the
+    /// clients of its own run as it applies the entry, without waiting for the leader's answer.
+    pub forwarded: Vec<Forwarded>,
+}
+
+/// A run of a proposal's writes, `first..first + count`, that follower `member` forwarded as
+/// its own proposal `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The follower's member ID.
+    pub member: u64,
+    /// The proposal's ID on that follower.
+    pub id: u64,
+    /// The run's first write.
+    pub first: u32,
+    /// The run's length.
+    pub count: u32,
+}
+
+impl Forwarded {
+    /// The run's writes, as positions in the proposal.
+    pub fn writes(&self) -> std::ops::Range<usize> {
+        self.first as usize..self.first as usize + self.count as usize
+    }
 }
 
 /// What applying one log entry produced.

@@ -1,4 +1,4 @@
-//! Clients waiting for the leader's proposals to apply.
+//! Clients waiting for their proposals to apply.
 //!
 //! A write's outcome exists once the state machine has applied its entry. Raft's own way back
 //! to the proposer passes it through raft's core task, then the proposer's task, and only then
@@ -9,6 +9,12 @@
 //! clients when the state machine did not: a proposal that failed, or an entry this member did
 //! not apply itself (it was installed by a snapshot).
 //!
+//! A follower does the same for the writes it forwards: it registers their clients under an ID
+//! of its own, the leader records that ID with the run of the entry's writes they became
+//! ([`Forwarded`]), and the follower's state machine answers them as it applies the entry. The
+//! leader's answer to the forward, a network hop after the leader's own apply, is then only the
+//! fallback.
+//!
 //! Exactly one of the two answers: both take the clients out of the table under its lock.
 
 use std::collections::HashMap;
@@ -18,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use keyhold_store::WriteResponse;
 use tokio::sync::oneshot;
 
-use super::Applied;
+use super::{Applied, Forwarded};
 use crate::error::{Error, Result};
 
 /// The outcome of one applied write (a domain error is an outcome, not a failure).
@@ -34,6 +40,8 @@ pub type Outcome = Result<(u64, StoreResult)>;
 /// Proposals in flight and their clients (bounded by the proposer's `PROPOSALS_IN_FLIGHT_MAX`:
 /// each proposal's clients are taken out before its permit is released).
 pub struct ProposalWaiters {
+    /// This member's ID: the runs of forwarded writes it answers name it.
+    me: u64,
     /// The next proposal ID. Starts at a random point, so the IDs in entries proposed before a
     /// restart (which this member may apply again after it) are not the ones waited for now.
     next: AtomicU64,
@@ -44,17 +52,23 @@ pub struct ProposalWaiters {
     applied: AtomicU64,
 }
 
-impl Default for ProposalWaiters {
-    fn default() -> Self {
+impl ProposalWaiters {
+    /// The table of member `me`.
+    pub fn new(me: u64) -> Self {
         Self {
+            me,
             next: AtomicU64::new(rand::random::<u64>() | 1),
             waiting: Mutex::default(),
             applied: AtomicU64::new(0),
         }
     }
-}
 
-impl ProposalWaiters {
+    /// The runs of `forwarded` this member forwarded.
+    pub fn own_runs<'a>(&self, forwarded: &'a [Forwarded]) -> impl Iterator<Item = &'a Forwarded> {
+        let me = self.me;
+        forwarded.iter().filter(move |f| f.member == me)
+    }
+
     /// Registers the clients of a proposal about to be made and returns its ID (never 0, which
     /// names no proposal).
     pub fn register(&self, waiters: Vec<Waiter>) -> u64 {
@@ -87,6 +101,23 @@ impl ProposalWaiters {
             Ok((index, std::mem::replace(applied, Applied::Nothing))),
         );
         true
+    }
+
+    /// The state machine applied the entry at `index`, in which `run` holds writes this member
+    /// forwarded: answers their clients with their outcomes, unless the entry did not produce
+    /// them (it was installed by a snapshot), which leaves them to the leader's answer.
+    pub fn applied_run(&self, run: &Forwarded, index: u64, applied: &Applied) {
+        let Applied::Writes(results) = applied else {
+            return;
+        };
+        let Some(outcomes) = results.get(run.writes()) else {
+            return;
+        };
+        let Some(waiters) = self.take(run.id) else {
+            return;
+        };
+        crate::probe::mark(crate::probe::Stage::ProposalApplied, index);
+        answer(waiters, Ok((index, Applied::Writes(outcomes.to_vec()))));
     }
 
     /// The state machine applied everything up to `index`.
@@ -141,7 +172,7 @@ mod tests {
 
     #[test]
     fn the_state_machine_answers_a_registered_proposal_and_raft_finds_it_answered() {
-        let table = ProposalWaiters::default();
+        let table = ProposalWaiters::new(1);
         let (tx, mut rx) = waiters(2);
         let id = table.register(tx);
         assert_ne!(id, 0);
@@ -162,7 +193,7 @@ mod tests {
 
     #[test]
     fn an_entry_not_proposed_here_is_left_for_raft() {
-        let table = ProposalWaiters::default();
+        let table = ProposalWaiters::new(1);
         let (tx, mut rx) = waiters(1);
         let id = table.register(tx);
         let mut applied = Applied::Writes(vec![outcome(3)]);
@@ -177,7 +208,7 @@ mod tests {
 
     #[test]
     fn an_entry_that_does_not_fit_its_clients_fails_them() {
-        let table = ProposalWaiters::default();
+        let table = ProposalWaiters::new(1);
         let (tx, mut rx) = waiters(2);
         let id = table.register(tx);
         let mut applied = Applied::Writes(vec![outcome(3)]);
@@ -188,8 +219,56 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_answers_its_forwarded_run_from_its_own_apply() {
+        let table = ProposalWaiters::new(7);
+        let (tx, mut rx) = waiters(2);
+        let id = table.register(tx);
+        let runs = [
+            Forwarded {
+                member: 9,
+                id,
+                first: 0,
+                count: 1,
+            },
+            Forwarded {
+                member: 7,
+                id,
+                first: 1,
+                count: 2,
+            },
+        ];
+        let mine: Vec<_> = table.own_runs(&runs).collect();
+        assert_eq!(mine, vec![&runs[1]], "only this member's run");
+        let applied = Applied::Writes(vec![outcome(4), outcome(5), outcome(6)]);
+        table.applied_run(mine[0], 30, &applied);
+        assert_eq!(rx[0].try_recv().unwrap(), Ok((30, outcome(5))));
+        assert_eq!(rx[1].try_recv().unwrap(), Ok((30, outcome(6))));
+        assert!(
+            table.take(id).is_none(),
+            "the leader's answer must not answer again"
+        );
+    }
+
+    #[test]
+    fn a_run_the_entry_did_not_produce_is_left_for_the_leaders_answer() {
+        let table = ProposalWaiters::new(7);
+        let (tx, mut rx) = waiters(1);
+        let id = table.register(tx);
+        let run = Forwarded {
+            member: 7,
+            id,
+            first: 2,
+            count: 1,
+        };
+        table.applied_run(&run, 30, &Applied::Nothing);
+        table.applied_run(&run, 30, &Applied::Writes(vec![outcome(1)]));
+        assert!(rx[0].try_recv().is_err(), "not answered");
+        assert!(table.take(id).is_some(), "still registered");
+    }
+
+    #[test]
     fn the_applied_index_only_moves_forward() {
-        let table = ProposalWaiters::default();
+        let table = ProposalWaiters::new(1);
         assert_eq!(table.applied_index(), 0);
         table.applied_through(12);
         table.applied_through(9);
@@ -200,7 +279,7 @@ mod tests {
     fn ids_are_distinct_and_never_zero() {
         let table = ProposalWaiters {
             next: AtomicU64::new(u64::MAX),
-            ..ProposalWaiters::default()
+            ..ProposalWaiters::new(1)
         };
         let a = table.register(Vec::new());
         let b = table.register(Vec::new());

@@ -17,8 +17,8 @@ use openraft::{
 use super::log_store::Durability;
 use super::proposals::ProposalWaiters;
 use super::{
-    Applied, AppliedState, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, Member, StorageError,
-    TypeConfig, encode,
+    Applied, AppliedState, Forwarded, META_APPLIED, META_MEMBERSHIP, META_PARTIAL, Member,
+    StorageError, TypeConfig, encode,
 };
 use crate::clock::Clock;
 
@@ -291,14 +291,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let last = entries.last().map_or(0, |e| e.log_id.index);
-        let proposals: Vec<(usize, u64, u64)> = entries
-            .iter()
-            .enumerate()
-            .filter_map(|(at, e)| match &e.payload {
-                EntryPayload::Normal(p) if p.id != 0 => Some((at, p.id, e.log_id.index)),
-                _ => None,
-            })
-            .collect();
+        // Entries whose clients wait here: this member's own proposals, and runs of writes it
+        // forwarded (see `proposals`).
+        let mut proposals: Vec<(usize, u64, u64)> = Vec::new();
+        let mut runs: Vec<(usize, u64, Forwarded)> = Vec::new();
+        for (at, e) in entries.iter().enumerate() {
+            if let EntryPayload::Normal(p) = &e.payload {
+                if p.id != 0 {
+                    proposals.push((at, p.id, e.log_id.index));
+                }
+                runs.extend(
+                    self.waiters
+                        .own_runs(&p.forwarded)
+                        .map(|f| (at, e.log_id.index, *f)),
+                );
+            }
+        }
         let mut applied = if points && writes <= APPLY_INLINE_WRITES_MAX && !store.write_may_stall()
         {
             apply_entries(&store, &compacted, now_ms, entries)
@@ -310,6 +318,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         crate::probe::mark(crate::probe::Stage::ApplyDone, last);
         if let Ok(applied) = &mut applied {
             self.waiters.applied_through(last);
+            for (at, index, run) in runs {
+                if let Some(a) = applied.get(at) {
+                    self.waiters.applied_run(&run, index, a);
+                }
+            }
             for (at, id, index) in proposals {
                 if let Some(a) = applied.get_mut(at) {
                     self.waiters.applied(id, index, a);
