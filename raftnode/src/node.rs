@@ -531,10 +531,11 @@ impl Node {
         self.router().to_leader(request).await
     }
 
-    /// Leader side of a forwarded proposal. Its writes join this member's own proposal queue,
-    /// so the proposer packs writes from every member into the same raft entries (a follower's
-    /// small batch would otherwise be an entry of its own). Returns the index of the last entry
-    /// that carried one of them, which the follower waits to apply, and their outcomes.
+    /// Leader side of a forwarded proposal. Its writes join this member's own proposal queue
+    /// as one group, so the proposer packs writes from every member into the same raft entries
+    /// (a follower's small batch would otherwise be an entry of its own) and keeps the group in
+    /// one entry, which names the follower's run of it (see [`ProposalWaiters`]). Returns the
+    /// index of that entry, which the follower waits to apply, and the writes' outcomes.
     ///
     /// The proposer takes the MoveLeader gate itself; holding it here too could deadlock
     /// behind a waiting transfer.
