@@ -170,6 +170,23 @@ mod tests {
         (0..n).map(|_| oneshot::channel()).unzip()
     }
 
+    /// Each client got its outcome at `index`, and the fallback answer finds none left.
+    fn assert_answered(
+        table: &ProposalWaiters,
+        id: u64,
+        rx: &mut [oneshot::Receiver<Outcome>],
+        index: u64,
+        revisions: &[i64],
+    ) {
+        for (r, &revision) in rx.iter_mut().zip(revisions) {
+            assert_eq!(r.try_recv().unwrap(), Ok((index, outcome(revision))));
+        }
+        assert!(
+            table.take(id).is_none(),
+            "the fallback must not answer again"
+        );
+    }
+
     #[test]
     fn the_state_machine_answers_a_registered_proposal_and_raft_finds_it_answered() {
         let table = ProposalWaiters::new(1);
@@ -183,12 +200,7 @@ mod tests {
             Applied::Nothing,
             "the outcomes went to the clients"
         );
-        assert_eq!(rx[0].try_recv().unwrap(), Ok((42, outcome(7))));
-        assert_eq!(rx[1].try_recv().unwrap(), Ok((42, outcome(8))));
-        assert!(
-            table.take(id).is_none(),
-            "raft's answer must not answer again"
-        );
+        assert_answered(&table, id, &mut rx, 42, &[7, 8]);
     }
 
     #[test]
@@ -241,12 +253,7 @@ mod tests {
         assert_eq!(mine, vec![&runs[1]], "only this member's run");
         let applied = Applied::Writes(vec![outcome(4), outcome(5), outcome(6)]);
         table.applied_run(mine[0], 30, &applied);
-        assert_eq!(rx[0].try_recv().unwrap(), Ok((30, outcome(5))));
-        assert_eq!(rx[1].try_recv().unwrap(), Ok((30, outcome(6))));
-        assert!(
-            table.take(id).is_none(),
-            "the leader's answer must not answer again"
-        );
+        assert_answered(&table, id, &mut rx, 30, &[5, 6]);
     }
 
     #[test]
