@@ -170,6 +170,14 @@ mod tests {
         (0..n).map(|_| oneshot::channel()).unzip()
     }
 
+    /// Member `me`'s table, with a proposal of `n` clients registered.
+    fn registered(me: u64, n: usize) -> (ProposalWaiters, u64, Vec<oneshot::Receiver<Outcome>>) {
+        let table = ProposalWaiters::new(me);
+        let (tx, rx) = waiters(n);
+        let id = table.register(tx);
+        (table, id, rx)
+    }
+
     /// Each client got its outcome at `index`, and the fallback answer finds none left.
     fn assert_answered(
         table: &ProposalWaiters,
@@ -189,9 +197,7 @@ mod tests {
 
     #[test]
     fn the_state_machine_answers_a_registered_proposal_and_raft_finds_it_answered() {
-        let table = ProposalWaiters::new(1);
-        let (tx, mut rx) = waiters(2);
-        let id = table.register(tx);
+        let (table, id, mut rx) = registered(1, 2);
         assert_ne!(id, 0);
         let mut applied = Applied::Writes(vec![outcome(7), outcome(8)]);
         table.applied(id, 42, &mut applied);
@@ -205,9 +211,7 @@ mod tests {
 
     #[test]
     fn an_entry_not_proposed_here_is_left_for_raft() {
-        let table = ProposalWaiters::new(1);
-        let (tx, mut rx) = waiters(1);
-        let id = table.register(tx);
+        let (table, id, mut rx) = registered(1, 1);
         let mut applied = Applied::Writes(vec![outcome(3)]);
         table.applied(id.wrapping_add(1000), 9, &mut applied);
         table.applied(0, 9, &mut applied);
@@ -220,9 +224,7 @@ mod tests {
 
     #[test]
     fn an_entry_that_does_not_fit_its_clients_fails_them() {
-        let table = ProposalWaiters::new(1);
-        let (tx, mut rx) = waiters(2);
-        let id = table.register(tx);
+        let (table, id, mut rx) = registered(1, 2);
         let mut applied = Applied::Writes(vec![outcome(3)]);
         table.applied(id, 9, &mut applied);
         for r in &mut rx {
@@ -232,9 +234,7 @@ mod tests {
 
     #[test]
     fn a_follower_answers_its_forwarded_run_from_its_own_apply() {
-        let table = ProposalWaiters::new(7);
-        let (tx, mut rx) = waiters(2);
-        let id = table.register(tx);
+        let (table, id, mut rx) = registered(7, 2);
         let runs = [
             Forwarded {
                 member: 9,
@@ -258,9 +258,7 @@ mod tests {
 
     #[test]
     fn a_run_the_entry_did_not_produce_is_left_for_the_leaders_answer() {
-        let table = ProposalWaiters::new(7);
-        let (tx, mut rx) = waiters(1);
-        let id = table.register(tx);
+        let (table, id, mut rx) = registered(7, 1);
         let run = Forwarded {
             member: 7,
             id,
