@@ -1186,7 +1186,10 @@ async fn lessor_driver(node: Arc<Node>) {
             }
         };
         let now = node.clock.now_ms();
-        let leader = node.is_leader();
+        // From the server metrics that woke this loop: openraft sends its full metrics, which
+        // `is_leader` reads, only after them, so a promotion read from those could be missed
+        // until the next tick, and a lease granted meanwhile extended by the late promotion.
+        let leader = server.borrow_and_update().current_leader == Some(node.member_id);
         if leader != was_leader {
             let extend = node.config.election_timeout.as_millis() as u64;
             let leases = node.store.with_lessor(|l| {

@@ -69,7 +69,11 @@ async fn revoke_deletes_attached_keys_and_ttl_reports_keys() {
         .await
         .expect("ttl");
     assert_eq!(ttl.granted_ttl(), 100);
-    assert!(ttl.ttl() > 90 && ttl.ttl() <= 100);
+    assert!(
+        ttl.ttl() > 90 && ttl.ttl() <= 100,
+        "remaining TTL of a fresh 100 s lease: {}",
+        ttl.ttl()
+    );
     let mut keys = ttl.keys().to_vec();
     keys.sort(); // etcd returns attached keys in no particular order
     assert_eq!(keys, [b"l1".to_vec(), b"l2".to_vec()]);
