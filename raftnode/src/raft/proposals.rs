@@ -89,18 +89,20 @@ impl ProposalWaiters {
     }
 
     /// The state machine applied proposal `id` as the entry at `index`. When this member
-    /// registered it, answers its clients, leaving [`Applied::Nothing`] for raft to carry
-    /// back, and returns true; otherwise leaves `applied` as it is.
-    pub fn applied(&self, id: u64, index: u64, applied: &mut Applied) -> bool {
+    /// registered it and the entry produced outcomes, answers its clients, leaving
+    /// [`Applied::Nothing`] for raft to carry back; otherwise leaves it all to raft's answer.
+    pub fn applied(&self, id: u64, index: u64, applied: &mut Applied) {
+        if !matches!(applied, Applied::Writes(_)) {
+            return;
+        }
         let Some(waiters) = self.take(id) else {
-            return false;
+            return;
         };
         crate::probe::mark(crate::probe::Stage::ProposalApplied, index);
         answer(
             waiters,
             Ok((index, std::mem::replace(applied, Applied::Nothing))),
         );
-        true
     }
 
     /// The state machine applied the entry at `index`, in which `run` holds writes this member
@@ -216,6 +218,8 @@ mod tests {
         table.applied(id.wrapping_add(1000), 9, &mut applied);
         table.applied(0, 9, &mut applied);
         assert_eq!(applied, Applied::Writes(vec![outcome(3)]));
+        // Installed by a snapshot: no outcomes here.
+        table.applied(id, 9, &mut Applied::Nothing);
         assert!(rx[0].try_recv().is_err(), "not answered yet");
         let w = table.take(id).expect("still registered");
         answer(w, Err(Error::LeaderChanged));
