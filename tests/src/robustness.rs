@@ -27,7 +27,7 @@ const KEY_COUNT: u8 = 10;
 /// Per-request client timeout; a write that times out has an unknown outcome.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Least budget for the linearizability search; a long run gets as long as its traffic ran.
-const CHECK_BUDGET_MIN: Duration = Duration::from_secs(120);
+pub const CHECK_BUDGET_MIN: Duration = Duration::from_secs(120);
 /// TTL of traffic leases: they never expire during a run, so expiry (tested elsewhere) adds no
 /// wall-clock nondeterminism to the model.
 const LEASE_TTL_SECONDS: i64 = 3600;
@@ -1298,19 +1298,18 @@ pub async fn run(cfg: &RunConfig) -> Report {
         report.failing_history =
             tokio::task::block_in_place(|| lin::smallest_failing_prefix(&ops, budget));
     }
-    if !matches!(verdict, Verdict::Linearizable) {
-        // Debugging aid: the whole history and ground truth, for a violation that the
-        // smallest failing prefix alone does not explain, or a search that ran out of time.
-        if let Some(dir) = std::env::var_os("KEYHOLD_TEST_DUMP_DIR") {
-            let dir = std::path::Path::new(&dir).join(format!("seed-{}", cfg.seed));
-            let _ = std::fs::create_dir_all(&dir);
-            let mut sorted = ops.clone();
-            sorted.sort_by_key(|o| o.call);
-            let history: String = sorted.iter().map(|o| format!("{o:?}\n")).collect();
-            let _ = std::fs::write(dir.join("history.txt"), history);
-            let _ = std::fs::write(dir.join("truth.jsonl"), &dumps[0]);
-            let _ = std::fs::write(dir.join("timeline.txt"), report.timeline.join("\n"));
-        }
+    // Debugging aid: the whole history and ground truth, for a violation that the smallest
+    // failing prefix alone does not explain, a search that ran out of time, or a checker
+    // change to try on a real history (`robustness --recheck <dir>/history.txt`).
+    if let Some(dir) = std::env::var_os("KEYHOLD_TEST_DUMP_DIR") {
+        let dir = std::path::Path::new(&dir).join(format!("seed-{}", cfg.seed));
+        let _ = std::fs::create_dir_all(&dir);
+        let mut sorted = ops.clone();
+        sorted.sort_by_key(|o| o.call);
+        let history: String = sorted.iter().map(|o| format!("{o}\n")).collect();
+        let _ = std::fs::write(dir.join("history.txt"), history);
+        let _ = std::fs::write(dir.join("truth.jsonl"), &dumps[0]);
+        let _ = std::fs::write(dir.join("timeline.txt"), report.timeline.join("\n"));
     }
     report.linearizable = Some(verdict);
     let logs = watch_set

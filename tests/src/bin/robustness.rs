@@ -1,9 +1,14 @@
 //! Long-mode robustness runner:
 //! `cargo run -p keyhold-tests --bin robustness -- --scenario all --duration 10m --seed N`.
-//! Prints each run's report; exits non-zero on any violation.
+//! Prints each run's report; exits non-zero on any violation. `--recheck FILE` checks a history
+//! that a run with `KEYHOLD_TEST_DUMP_DIR` wrote, with the checker and with its search alone.
 
 use std::time::Duration;
 
+use std::time::Instant;
+
+use keyhold_tests::history::Op;
+use keyhold_tests::lin::{self, Verdict};
 use keyhold_tests::robustness::{self, Fault, RunConfig};
 
 fn parse_duration(s: &str) -> Option<Duration> {
@@ -20,6 +25,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
 fn usage() -> ! {
     eprintln!(
         "usage: robustness [--members 1|3] [--proxies N] [--scenario all|{}] [--duration 30s|10m] [--seed N] [--clients N] [--failpoints a,b]\n\
+         robustness --recheck <history.txt> [--duration budget]   (a history KEYHOLD_TEST_DUMP_DIR wrote)\n\
          (cluster scenarios: {}; with --proxies also: {})",
         Fault::ALL.map(Fault::name).join("|"),
         Fault::CLUSTER.map(Fault::name).join("|"),
@@ -28,11 +34,62 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// `--recheck FILE`: checks a history that `KEYHOLD_TEST_DUMP_DIR` wrote, with [`lin::check`]
+/// and with the search alone, and prints both verdicts and times.
+fn recheck(path: &str, budget: Duration) -> std::process::ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{path}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let ops: Result<Vec<Op>, String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::parse)
+        .collect();
+    let ops = match ops {
+        Ok(ops) => ops,
+        Err(e) => {
+            eprintln!("{path}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let unknown = ops.iter().filter(|o| o.ret.is_none()).count();
+    println!("{path}: {} ops, {unknown} without a return", ops.len());
+    let started = Instant::now();
+    let verdict = lin::check(&ops, budget);
+    let verdict_name = |v: &Verdict| match v {
+        Verdict::Linearizable => "linearizable",
+        Verdict::Violation { .. } => "violation",
+        Verdict::Inconclusive => "inconclusive",
+    };
+    println!(
+        "check: {} in {} ms",
+        verdict_name(&verdict),
+        started.elapsed().as_millis()
+    );
+    let started = Instant::now();
+    let searched = lin::search(&ops, budget);
+    println!(
+        "search alone: {} in {} ms",
+        verdict_name(&searched),
+        started.elapsed().as_millis()
+    );
+    if verdict == Verdict::Linearizable {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = std::env::args().skip(1);
     let (mut scenarios, mut duration, mut seed, mut clients, mut failpoints, mut members) =
         (None, Duration::from_secs(30), None, 4, Vec::new(), 1);
     let mut proxies = 0;
+    let mut recheck_file = None;
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -44,8 +101,12 @@ fn main() -> std::process::ExitCode {
             "--seed" => seed = Some(v.parse().unwrap_or_else(|_| usage())),
             "--clients" => clients = v.parse().unwrap_or_else(|_| usage()),
             "--failpoints" => failpoints = v.split(',').map(str::to_string).collect(),
+            "--recheck" => recheck_file = Some(v),
             _ => usage(),
         }
+    }
+    if let Some(path) = recheck_file {
+        return recheck(&path, duration.max(robustness::CHECK_BUDGET_MIN));
     }
     let scenarios = scenarios.unwrap_or_else(|| {
         if members > 1 && proxies > 0 {
