@@ -71,6 +71,22 @@ pub enum Output {
     Unknown,
 }
 
+impl Output {
+    /// The revision the answer carries (keepalives, "lease not found" and unknown outcomes
+    /// carry none).
+    pub fn revision(&self) -> Option<i64> {
+        match *self {
+            Output::Get { revision, .. }
+            | Output::Put { revision }
+            | Output::Delete { revision, .. }
+            | Output::CompareAndPut { revision, .. }
+            | Output::CountAll { revision, .. }
+            | Output::Lease { revision } => Some(revision),
+            Output::LeaseNotFound | Output::KeepAlive { .. } | Output::Unknown => None,
+        }
+    }
+}
+
 /// One operation.
 #[derive(Debug, Clone)]
 pub struct Op {

@@ -146,16 +146,23 @@ pub fn check(ops: &[Op], budget: Duration) -> Verdict {
     search(ops, budget)
 }
 
-/// The revision an answer carries (ops without one are placed by time).
-fn answered_revision(output: &Output) -> Option<i64> {
-    match *output {
-        Output::Get { revision, .. }
-        | Output::Put { revision }
-        | Output::Delete { revision, .. }
-        | Output::CompareAndPut { revision, .. }
-        | Output::CountAll { revision, .. }
-        | Output::Lease { revision } => Some(revision),
-        Output::LeaseNotFound | Output::KeepAlive { .. } | Output::Unknown => None,
+/// For a time, the highest revision any answer returned strictly before it carried (0 when
+/// none had): a write called at that time can only have made a later revision, and an op whose
+/// answer carries no revision ran at this one or later.
+pub fn revisions_seen_before(ops: &[Op]) -> impl Fn(u64) -> i64 + use<> {
+    let mut returned: Vec<(u64, i64)> = ops
+        .iter()
+        .filter_map(|o| Some((o.ret?, o.output.revision()?)))
+        .collect();
+    returned.sort_unstable();
+    let mut highest = 0;
+    for r in &mut returned {
+        highest = highest.max(r.1);
+        r.1 = highest;
+    }
+    move |at| {
+        let n = returned.partition_point(|(ret, _)| *ret < at);
+        n.checked_sub(1).map_or(0, |i| returned[i].1)
     }
 }
 
@@ -177,23 +184,14 @@ enum UnknownGrants {
 /// op and keep real time: no op placed after one that was called after it returned. `true`
 /// proves the history linearizable; `false` proves nothing.
 fn revision_order_holds(ops: &[Op], unknown_grants: UnknownGrants) -> bool {
-    let mut answered: Vec<(u64, i64)> = ops
-        .iter()
-        .filter_map(|o| Some((o.ret?, answered_revision(&o.output)?)))
-        .collect();
-    answered.sort_unstable();
-    let mut highest = 1;
-    for a in &mut answered {
-        highest = highest.max(a.1);
-        a.1 = highest;
-    }
-    let seen_before = |at: u64| {
-        let n = answered.partition_point(|(ret, _)| *ret < at);
-        n.checked_sub(1).map_or(1, |i| answered[i].1)
+    // An empty store is at revision 1.
+    let seen_before = {
+        let seen = revisions_seen_before(ops);
+        move |at| seen(at).max(1)
     };
     let mut placed: Vec<(i64, u64, usize)> = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
-        let revision = match (answered_revision(&op.output), &op.output, &op.input) {
+        let revision = match (op.output.revision(), &op.output, &op.input) {
             (Some(revision), _, _) => revision,
             (None, Output::Unknown, Input::LeaseGrant(..))
                 if matches!(unknown_grants, UnknownGrants::HappenedAtCall) =>
@@ -346,6 +344,29 @@ mod tests {
         }
     }
 
+    /// A linearizable get of `key` that answered `value` (mod revision, header revision).
+    fn get(
+        client: usize,
+        call: u64,
+        ret: Option<u64>,
+        key: u8,
+        value: Option<u64>,
+        mod_revision: i64,
+        revision: i64,
+    ) -> Op {
+        op(
+            client,
+            call,
+            ret,
+            Input::Get(key),
+            Output::Get {
+                value,
+                mod_revision,
+                revision,
+            },
+        )
+    }
+
     #[test]
     fn sequential_history_is_linearizable() {
         let ops = vec![
@@ -356,17 +377,7 @@ mod tests {
                 Input::Put(1, 10),
                 Output::Put { revision: 2 },
             ),
-            op(
-                0,
-                2,
-                Some(3),
-                Input::Get(1),
-                Output::Get {
-                    value: Some(10),
-                    mod_revision: 2,
-                    revision: 2,
-                },
-            ),
+            get(0, 2, Some(3), 1, Some(10), 2, 2),
             op(
                 0,
                 4,
@@ -391,9 +402,10 @@ mod tests {
         assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
     }
 
-    #[test]
-    fn stale_read_after_acknowledged_write_is_a_violation() {
-        let ops = vec![
+    /// Two acknowledged puts of one key, then a read called after both that returns the
+    /// first: consistent with the model at revision 2, stale in real time.
+    fn stale_read_history() -> Vec<Op> {
+        vec![
             op(
                 0,
                 0,
@@ -408,18 +420,13 @@ mod tests {
                 Input::Put(1, 11),
                 Output::Put { revision: 3 },
             ),
-            op(
-                1,
-                4,
-                Some(5),
-                Input::Get(1),
-                Output::Get {
-                    value: Some(10),
-                    mod_revision: 2,
-                    revision: 2,
-                },
-            ),
-        ];
+            get(1, 4, Some(5), 1, Some(10), 2, 2),
+        ]
+    }
+
+    #[test]
+    fn stale_read_after_acknowledged_write_is_a_violation() {
+        let ops = stale_read_history();
         assert!(matches!(
             check(&ops, Duration::from_secs(5)),
             Verdict::Violation { .. }
@@ -440,17 +447,7 @@ mod tests {
                 Input::Put(1, 10),
                 Output::Put { revision: 2 },
             ),
-            op(
-                1,
-                1,
-                Some(9),
-                Input::Get(1),
-                Output::Get {
-                    value: None,
-                    mod_revision: 0,
-                    revision: 1,
-                },
-            ),
+            get(1, 1, Some(9), 1, None, 0, 1),
         ];
         assert_eq!(check(&ops, Duration::from_secs(5)), Verdict::Linearizable);
     }
@@ -458,28 +455,8 @@ mod tests {
     #[test]
     fn unknown_writes_may_or_may_not_have_happened() {
         let lost = op(0, 0, None, Input::Put(1, 10), Output::Unknown);
-        let seen = op(
-            1,
-            5,
-            Some(6),
-            Input::Get(1),
-            Output::Get {
-                value: Some(10),
-                mod_revision: 2,
-                revision: 2,
-            },
-        );
-        let unseen = op(
-            1,
-            5,
-            Some(6),
-            Input::Get(1),
-            Output::Get {
-                value: None,
-                mod_revision: 0,
-                revision: 1,
-            },
-        );
+        let seen = get(1, 5, Some(6), 1, Some(10), 2, 2);
+        let unseen = get(1, 5, Some(6), 1, None, 0, 1);
         assert_eq!(
             check(&[lost.clone(), seen], Duration::from_secs(5)),
             Verdict::Linearizable
@@ -489,17 +466,7 @@ mod tests {
             Verdict::Linearizable
         );
         // But it cannot take effect before it was invoked.
-        let early = op(
-            1,
-            0,
-            Some(1),
-            Input::Get(1),
-            Output::Get {
-                value: Some(10),
-                mod_revision: 2,
-                revision: 2,
-            },
-        );
+        let early = get(1, 0, Some(1), 1, Some(10), 2, 2);
         let late_lost = op(0, 5, None, Input::Put(1, 10), Output::Unknown);
         assert!(matches!(
             check(&[early, late_lost], Duration::from_secs(5)),
@@ -610,17 +577,7 @@ mod tests {
                 Input::LeaseRevoke(l),
                 Output::Lease { revision: 3 },
             ),
-            op(
-                0,
-                6,
-                Some(7),
-                Input::Get(1),
-                Output::Get {
-                    value: None,
-                    mod_revision: 0,
-                    revision: 3,
-                },
-            ),
+            get(0, 6, Some(7), 1, None, 0, 3),
             op(
                 0,
                 8,
@@ -688,17 +645,7 @@ mod tests {
                     Input::LeaseExpire(l),
                     Output::Lease { revision: 3 },
                 ),
-                op(
-                    0,
-                    20,
-                    Some(21),
-                    Input::Get(1),
-                    Output::Get {
-                        value: None,
-                        mod_revision: 0,
-                        revision: 3,
-                    },
-                ),
+                get(0, 20, Some(21), 1, None, 0, 3),
                 op(
                     0,
                     22,
@@ -754,17 +701,7 @@ mod tests {
                 Output::Unknown,
             ));
         }
-        ops.push(op(
-            50,
-            100,
-            Some(101),
-            Input::Get(1),
-            Output::Get {
-                value: Some(10),
-                mod_revision: 2,
-                revision: 2,
-            },
-        ));
+        ops.push(get(50, 100, Some(101), 1, Some(10), 2, 2));
         assert_eq!(
             search(&ops, Duration::from_millis(200)),
             Verdict::Inconclusive,
@@ -777,17 +714,7 @@ mod tests {
     fn revision_order_puts_the_write_that_made_a_revision_before_what_saw_it() {
         // The read was called first but saw the put: concurrent, so linearizable.
         let ops = vec![
-            op(
-                0,
-                0,
-                Some(8),
-                Input::Get(1),
-                Output::Get {
-                    value: Some(10),
-                    mod_revision: 2,
-                    revision: 2,
-                },
-            ),
+            get(0, 0, Some(8), 1, Some(10), 2, 2),
             op(
                 1,
                 5,
@@ -809,35 +736,8 @@ mod tests {
 
     #[test]
     fn revision_order_keeps_real_time() {
-        // Model-consistent by revision, but the read of revision 2 was called after revision 3
-        // was answered: a stale read, which the candidate order must not accept.
-        let ops = vec![
-            op(
-                0,
-                0,
-                Some(1),
-                Input::Put(1, 10),
-                Output::Put { revision: 2 },
-            ),
-            op(
-                0,
-                2,
-                Some(3),
-                Input::Put(1, 11),
-                Output::Put { revision: 3 },
-            ),
-            op(
-                1,
-                4,
-                Some(5),
-                Input::Get(1),
-                Output::Get {
-                    value: Some(10),
-                    mod_revision: 2,
-                    revision: 2,
-                },
-            ),
-        ];
+        // The candidate order must not accept a read that is stale in real time.
+        let ops = stale_read_history();
         assert!(!revision_order_holds(&ops, UnknownGrants::NeverHappened));
         assert!(!revision_order_holds(&ops, UnknownGrants::HappenedAtCall));
     }

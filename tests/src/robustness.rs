@@ -1402,36 +1402,6 @@ fn tombstones_with_leases<'t>(
     found
 }
 
-/// For a time, the highest revision any answer returned strictly before it carried: a write
-/// called at that time can only have made a later revision.
-fn revisions_seen_before(ops: &[Op]) -> impl Fn(u64) -> i64 + use<> {
-    let mut returned: Vec<(u64, i64)> = ops
-        .iter()
-        .filter_map(|o| {
-            let revision = match o.output {
-                Output::Get { revision, .. }
-                | Output::Put { revision }
-                | Output::Delete { revision, .. }
-                | Output::CompareAndPut { revision, .. }
-                | Output::CountAll { revision, .. }
-                | Output::Lease { revision } => revision,
-                Output::LeaseNotFound | Output::KeepAlive { .. } | Output::Unknown => return None,
-            };
-            Some((o.ret?, revision))
-        })
-        .collect();
-    returned.sort_unstable();
-    let mut highest = 0;
-    for r in &mut returned {
-        highest = highest.max(r.1);
-        r.1 = highest;
-    }
-    move |at| {
-        let n = returned.partition_point(|(ret, _)| *ret < at);
-        n.checked_sub(1).map_or(0, |i| returned[i].1)
-    }
-}
-
 /// Pins each lease expiry to the revision at which the persisted history deleted its keys (the
 /// lease-expiry client's keys are written by nobody else, so the put a tombstone follows names
 /// the lease). Keys deleted at more than one revision are a violation: an expiry is one revoke.
@@ -1508,7 +1478,7 @@ fn patch_unknown_deletes(ops: &mut Vec<Op>, truth: &Truth) {
             *unknown_per_key.entry(k).or_default() += 1;
         }
     }
-    let seen_before = revisions_seen_before(ops);
+    let seen_before = lin::revisions_seen_before(ops);
     ops.retain_mut(|op| {
         let Input::Delete(k) = op.input else {
             return true;
