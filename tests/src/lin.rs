@@ -36,6 +36,16 @@ pub enum Verdict {
     Inconclusive,
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Linearizable => "linearizable",
+            Verdict::Violation { .. } => "VIOLATION",
+            Verdict::Inconclusive => "inconclusive (search budget spent)",
+        })
+    }
+}
+
 const NIL: usize = usize::MAX;
 
 struct Node {

@@ -226,10 +226,9 @@ impl Report {
             self.unknown_writes,
             self.watch_events,
             match &self.linearizable {
-                Some(Verdict::Linearizable) => "yes",
-                Some(Verdict::Violation { .. }) => "VIOLATION",
-                Some(Verdict::Inconclusive) => "inconclusive (search budget spent)",
-                None => "not checked",
+                Some(Verdict::Linearizable) => "yes".to_string(),
+                Some(v) => v.to_string(),
+                None => "not checked".to_string(),
             },
             self.watch_violations.len(),
             self.lost_writes.len(),

@@ -3,9 +3,7 @@
 //! Prints each run's report; exits non-zero on any violation. `--recheck FILE` checks a history
 //! that a run with `KEYHOLD_TEST_DUMP_DIR` wrote, with the checker and with its search alone.
 
-use std::time::Duration;
-
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use keyhold_tests::history::Op;
 use keyhold_tests::lin::{self, Verdict};
@@ -60,21 +58,11 @@ fn recheck(path: &str, budget: Duration) -> std::process::ExitCode {
     println!("{path}: {} ops, {unknown} without a return", ops.len());
     let started = Instant::now();
     let verdict = lin::check(&ops, budget);
-    let verdict_name = |v: &Verdict| match v {
-        Verdict::Linearizable => "linearizable",
-        Verdict::Violation { .. } => "violation",
-        Verdict::Inconclusive => "inconclusive",
-    };
-    println!(
-        "check: {} in {} ms",
-        verdict_name(&verdict),
-        started.elapsed().as_millis()
-    );
+    println!("check: {verdict} in {} ms", started.elapsed().as_millis());
     let started = Instant::now();
     let searched = lin::search(&ops, budget);
     println!(
-        "search alone: {} in {} ms",
-        verdict_name(&searched),
+        "search alone: {searched} in {} ms",
         started.elapsed().as_millis()
     );
     if verdict == Verdict::Linearizable {
