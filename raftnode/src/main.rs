@@ -85,6 +85,16 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     }
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
+    #[cfg(all(tokio_unstable, feature = "latency-probe"))]
+    builder
+        .on_before_task_poll(|m| keyhold_raftnode::probe::task_polled(m.spawned_at(), m.id(), true))
+        .on_after_task_poll(|m| keyhold_raftnode::probe::task_polled(m.spawned_at(), m.id(), false))
+        .on_thread_park(|| {
+            keyhold_raftnode::probe::mark(keyhold_raftnode::probe::Stage::WorkerParked, 0)
+        })
+        .on_thread_unpark(|| {
+            keyhold_raftnode::probe::mark(keyhold_raftnode::probe::Stage::WorkerUnparked, 0)
+        });
     #[cfg(not(tokio_unstable))]
     tracing::info!("built without --cfg tokio_unstable: the runtime keeps its LIFO slot");
     builder.build()

@@ -42,6 +42,15 @@ pub enum Stage {
     FsyncStarted = 15,
     /// The state machine has applied entries (index: the last one).
     ApplyDone = 16,
+    /// A runtime worker starts polling a task (index: its spawn location's number, see
+    /// [`task_polled`]).
+    TaskPollStarted = 17,
+    /// A runtime worker has polled a task (index: as above).
+    TaskPollDone = 18,
+    /// A runtime worker parks (index: 0).
+    WorkerParked = 19,
+    /// A runtime worker unparks (index: 0).
+    WorkerUnparked = 20,
 }
 
 #[cfg(feature = "latency-probe")]
@@ -69,6 +78,17 @@ mod recorder {
         }
     }
 
+    static LOCATIONS: Mutex<Vec<&'static std::panic::Location<'static>>> = Mutex::new(Vec::new());
+
+    pub(super) fn location_number(at: &'static std::panic::Location<'static>) -> u64 {
+        let mut l = LOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = l.iter().position(|x| std::ptr::eq(*x, at)) {
+            return n as u64;
+        }
+        l.push(at);
+        (l.len() - 1) as u64
+    }
+
     fn start() {
         let Ok(path) = std::env::var("KEYHOLD_LATENCY_PROBE") else {
             return;
@@ -81,6 +101,14 @@ mod recorder {
                     std::thread::sleep(Duration::from_secs(1));
                     let records =
                         std::mem::take(&mut *RECORDS.lock().unwrap_or_else(|p| p.into_inner()));
+                    let locations: Vec<String> = LOCATIONS
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .enumerate()
+                        .map(|(n, l)| format!("{n} {}:{}\n", l.file(), l.line()))
+                        .collect();
+                    let _ = std::fs::write(format!("{path}-tasks"), locations.concat());
                     let mut text = String::with_capacity(records.len() * 32);
                     for (stage, index, ns) in records {
                         let _ = writeln!(text, "{stage} {index} {ns}");
@@ -105,6 +133,21 @@ mod recorder {
 #[cfg(feature = "latency-probe")]
 pub fn mark(stage: Stage, index: u64) {
     recorder::mark(stage, index);
+}
+
+/// Records a task poll's start or end, naming the task by where it was spawned.
+#[cfg(feature = "latency-probe")]
+pub fn task_polled(at: &'static std::panic::Location<'static>, id: tokio::task::Id, started: bool) {
+    let stage = if started {
+        Stage::TaskPollStarted
+    } else {
+        Stage::TaskPollDone
+    };
+    let id: u64 = id.to_string().parse().unwrap_or(0);
+    recorder::mark(
+        stage,
+        recorder::location_number(at) * 1_000_000 + id % 1_000_000,
+    );
 }
 
 /// Records nothing: built without the `latency-probe` feature.
